@@ -1,0 +1,3 @@
+DROP INDEX b_a_id;
+DROP TABLE b;
+DROP TABLE a;

@@ -1,0 +1,214 @@
+//! The synchronous core: plain `diesel::RunQueryDsl` over one
+//! [`AnyConnection`]. Nothing here knows of async, pools or the environment.
+
+use std::io::Write;
+
+use diesel::prelude::*;
+use diesel::sql_types::BigInt;
+
+use crate::demo::connection::AnyConnection;
+use crate::demo::error::DemoError;
+use crate::demo::models::{A, B, Family, NewA, NewB};
+use crate::demo::schema::{a, b};
+use crate::on_inner_connection;
+
+/// Parents per `INSERT INTO a` statement (one bind each).
+pub const PARENT_BATCH: usize = 1_000;
+/// Children per `INSERT INTO b` statement (two binds each).
+pub const CHILD_BATCH: usize = 2_000;
+/// Parents whose children one eager `IN (...)` query loads.
+pub const EAGER_BATCH: usize = 10_000;
+
+/// The seed's three parents: `a1` with two children, `a2` with one, `a3` with two.
+pub fn seed_families() -> Vec<Family> {
+    vec![
+        Family::new("a1", 2),
+        Family::new("a2", 1),
+        Family::new("a3", 2),
+    ]
+}
+
+/// The workload's `n` parents: `a{i}` with two children when `i` is odd, one when even.
+pub fn workload_families(n: usize) -> Vec<Family> {
+    (1..=n)
+        .map(|i| Family::new(format!("a{i}"), if i % 2 == 1 { 2 } else { 1 }))
+        .collect()
+}
+
+/// Parents and children loaded, as counted by [`run_queries`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    /// Rows of `a` seen.
+    pub parents: usize,
+    /// Rows of `b` seen.
+    pub children: usize,
+}
+
+/// Inserts `families`: each batch of parents in one statement, then their
+/// children, carrying the parents' new ids, in one statement per
+/// [`CHILD_BATCH`]. Returns the parents' ids in the order given.
+pub fn insert_families(
+    conn: &mut AnyConnection,
+    families: &[Family],
+) -> Result<Vec<i32>, DemoError> {
+    let mut all_ids = Vec::with_capacity(families.len());
+    for chunk in families.chunks(PARENT_BATCH) {
+        let parents: Vec<NewA<'_>> = chunk
+            .iter()
+            .map(|f| NewA {
+                data: f.data.as_deref(),
+            })
+            .collect();
+        let ids = insert_parents(conn, &parents)?;
+        let children: Vec<NewB<'_>> = chunk
+            .iter()
+            .zip(&ids)
+            .flat_map(|(family, &a_id)| {
+                family.children.iter().map(move |data| NewB {
+                    a_id,
+                    data: data.as_deref(),
+                })
+            })
+            .collect();
+        for batch in children.chunks(CHILD_BATCH) {
+            on_inner_connection!(&mut *conn, |c| diesel::insert_into(b::table)
+                .values(batch)
+                .execute(c))?;
+        }
+        all_ids.extend(ids);
+    }
+    Ok(all_ids)
+}
+
+/// One multi-row `INSERT INTO a`; the new ids in the order of `rows`.
+fn insert_parents(conn: &mut AnyConnection, rows: &[NewA<'_>]) -> Result<Vec<i32>, DemoError> {
+    let mut ids: Vec<i32> = match conn {
+        AnyConnection::Postgresql(c) => diesel::insert_into(a::table)
+            .values(rows)
+            .returning(a::id)
+            .get_results(c)?,
+        AnyConnection::Sqlite(c) => diesel::insert_into(a::table)
+            .values(rows)
+            .returning(a::id)
+            .get_results(c)?,
+        AnyConnection::Mysql(c) => {
+            diesel::insert_into(a::table).values(rows).execute(c)?;
+            return mysql_batch_ids(c, rows.len());
+        }
+    };
+    // RETURNING does not promise row order, but one statement's ids grow
+    // with insertion order (SQLite: max(rowid)+1; PostgreSQL: one nextval per row).
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+#[derive(QueryableByName)]
+struct BatchIds {
+    #[diesel(sql_type = BigInt)]
+    first_id: i64,
+    #[diesel(sql_type = BigInt)]
+    step: i64,
+    #[diesel(sql_type = BigInt)]
+    lock_mode: i64,
+}
+
+/// MySQL has no `RETURNING`: `LAST_INSERT_ID()` is the batch's first id, and
+/// the rest follow it by `auto_increment_increment` when InnoDB's lock mode
+/// is 0 or 1 (MariaDB's default); mode 2 does not promise that.
+fn mysql_batch_ids(conn: &mut MysqlConnection, rows: usize) -> Result<Vec<i32>, DemoError> {
+    let ids: BatchIds = diesel::sql_query(
+        "SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS first_id, \
+         CAST(@@auto_increment_increment AS SIGNED) AS step, \
+         CAST(@@innodb_autoinc_lock_mode AS SIGNED) AS lock_mode",
+    )
+    .get_result(conn)?;
+    if ids.lock_mode == 2 {
+        return Err(DemoError::Check(
+            "innodb_autoinc_lock_mode = 2 does not give a batch consecutive ids; \
+             set it to 1 in the server's configuration"
+                .into(),
+        ));
+    }
+    (0..rows as i64)
+        .map(|i| {
+            i32::try_from(ids.first_id + i * ids.step)
+                .map_err(|_| DemoError::Check("an id does not fit in INTEGER".into()))
+        })
+        .collect()
+}
+
+/// The seed's `run_queries`: selects every `A` and, for each, loads its
+/// `B`s with one query (the lazy N+1 pattern), writing each to `out`; then
+/// sets the first `A`'s data (by id) to `"new data"`.
+pub fn run_queries(conn: &mut AnyConnection, out: &mut impl Write) -> Result<Counts, DemoError> {
+    let parents = a::table.select(A::as_select()).load(conn)?;
+    let mut counts = Counts {
+        parents: parents.len(),
+        children: 0,
+    };
+    for parent in &parents {
+        writeln!(out, "{parent}")?;
+        let children = B::belonging_to(parent).select(B::as_select()).load(conn)?;
+        for child in &children {
+            writeln!(out, "{child}")?;
+        }
+        counts.children += children.len();
+    }
+    update_first(conn, "new data")?;
+    Ok(counts)
+}
+
+/// [`run_queries`] with the children loaded eagerly: parents, then all
+/// their children in one `IN (...)` query per [`EAGER_BATCH`] parents.
+pub fn run_queries_eager(
+    conn: &mut AnyConnection,
+    out: &mut impl Write,
+) -> Result<Counts, DemoError> {
+    let families = load_families(conn)?;
+    let mut counts = Counts::default();
+    for (parent, children) in &families {
+        writeln!(out, "{parent}")?;
+        for child in children {
+            writeln!(out, "{child}")?;
+        }
+        counts.parents += 1;
+        counts.children += children.len();
+    }
+    update_first(conn, "new data")?;
+    Ok(counts)
+}
+
+/// Every parent with its children, loaded with `belonging_to` + `grouped_by`.
+pub fn load_families(conn: &mut AnyConnection) -> QueryResult<Vec<(A, Vec<B>)>> {
+    let parents = a::table.select(A::as_select()).load(conn)?;
+    let mut families = Vec::with_capacity(parents.len());
+    for chunk in parents.chunks(EAGER_BATCH) {
+        let children = B::belonging_to(chunk)
+            .select(B::as_select())
+            .load(conn)?
+            .grouped_by(chunk);
+        families.extend(chunk.iter().cloned().zip(children));
+    }
+    Ok(families)
+}
+
+/// Sets the data of the `A` with the smallest id.
+pub fn update_first(conn: &mut AnyConnection, data: &str) -> QueryResult<()> {
+    let first = a::table.order(a::id).select(A::as_select()).first(conn)?;
+    diesel::update(&first).set(a::data.eq(data)).execute(conn)?;
+    Ok(())
+}
+
+/// Every row of `a` and `b`, ordered by id.
+pub fn all_rows(conn: &mut AnyConnection) -> QueryResult<(Vec<A>, Vec<B>)> {
+    let parents = a::table.order(a::id).select(A::as_select()).load(conn)?;
+    let children = b::table.order(b::id).select(B::as_select()).load(conn)?;
+    Ok((parents, children))
+}
+
+/// Row counts of `a` and `b`.
+pub fn count_rows(conn: &mut AnyConnection) -> QueryResult<(i64, i64)> {
+    let parents = a::table.count().get_result(conn)?;
+    let children = b::table.count().get_result(conn)?;
+    Ok((parents, children))
+}

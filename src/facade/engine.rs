@@ -1,0 +1,175 @@
+//! The engine: a URL, options and a bb8 pool of synchronous connections.
+
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::facade::error::Error;
+use crate::facade::manager::{ConnectErrorSink, LastConnectError, Manager, PoolableConnection};
+use crate::facade::session::AsyncSession;
+use crate::facade::url::DatabaseUrl;
+
+/// A pooled connection checked out of an engine.
+pub(crate) type Pooled<C> = bb8::PooledConnection<'static, Manager<C>>;
+
+/// How an [`Engine`] pools and reports.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Most connections open at once (SQLite `:memory:` is always 1).
+    pub max_size: u32,
+    /// How long a checkout waits for a free connection before
+    /// [`Error::PoolTimeout`].
+    pub connection_timeout: Duration,
+    /// Report every statement at `INFO` on [`crate::SQL_TARGET`] (else `DEBUG`).
+    pub echo: bool,
+    /// A connection idle longer than this is pinged (`SELECT 1`) when
+    /// checked out; one used more recently is handed out unchecked.
+    pub ping_after: Duration,
+    /// Idle connections are closed after this long (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Connections are replaced after this long (`None`: never).
+    pub max_lifetime: Option<Duration>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            max_size: 8,
+            connection_timeout: Duration::from_secs(30),
+            echo: false,
+            ping_after: Duration::from_secs(1),
+            idle_timeout: Some(Duration::from_secs(600)),
+            max_lifetime: Some(Duration::from_secs(1800)),
+        }
+    }
+}
+
+/// Connection counts of an engine's pool, for health checks and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// Connections open (idle or checked out).
+    pub connections: u32,
+    /// Connections idle in the pool.
+    pub idle: u32,
+}
+
+/// A pool of synchronous Diesel connections of type `C`, and the factory of
+/// [`AsyncSession`]s over it. Cheap to clone; clones share the pool.
+pub struct Engine<C: PoolableConnection> {
+    pool: bb8::Pool<Manager<C>>,
+    url: DatabaseUrl,
+    connection_timeout: Duration,
+    connect_errors: watch::Sender<LastConnectError>,
+}
+
+impl<C: PoolableConnection> Clone for Engine<C> {
+    fn clone(&self) -> Self {
+        Engine {
+            pool: self.pool.clone(),
+            url: self.url.clone(),
+            connection_timeout: self.connection_timeout,
+            connect_errors: self.connect_errors.clone(),
+        }
+    }
+}
+
+impl<C: PoolableConnection> std::fmt::Debug for Engine<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("url", &self.url)
+            .field("pool", &self.status())
+            .finish()
+    }
+}
+
+impl<C: PoolableConnection> Engine<C> {
+    /// Builds the pool for `url` and opens its first connection, so a bad
+    /// URL, an unreachable server or wrong credentials fail here.
+    ///
+    /// Must be called inside a tokio runtime (multi-thread or current-thread).
+    pub async fn connect(url: &str, options: EngineOptions) -> Result<Self, Error> {
+        let url = DatabaseUrl::parse(url)?;
+        let mut options = options;
+        if url.is_sqlite_memory() {
+            // Each SQLite :memory: connection is its own database: keep one, forever.
+            options.max_size = 1;
+            options.idle_timeout = None;
+            options.max_lifetime = None;
+        }
+        let (connect_errors, _) = watch::channel(None);
+        let manager = Manager {
+            url: url.clone(),
+            echo: options.echo,
+            ping_after: options.ping_after,
+            _conn: PhantomData,
+        };
+        let pool = bb8::Pool::builder()
+            .max_size(options.max_size.max(1))
+            .connection_timeout(options.connection_timeout)
+            .idle_timeout(options.idle_timeout)
+            .max_lifetime(options.max_lifetime)
+            .retry_connection(false)
+            .error_sink(Box::new(ConnectErrorSink(connect_errors.clone())))
+            .build_unchecked(manager);
+        let engine = Engine {
+            pool,
+            url,
+            connection_timeout: options.connection_timeout,
+            connect_errors,
+        };
+        drop(engine.checkout().await?);
+        Ok(engine)
+    }
+
+    /// The engine's URL (prints without its password).
+    pub fn url(&self) -> &DatabaseUrl {
+        &self.url
+    }
+
+    /// A new session; it checks a connection out when first used.
+    pub fn session(&self) -> AsyncSession<C> {
+        AsyncSession::new(self.clone())
+    }
+
+    /// A session holding a connection, with a transaction begun: the
+    /// counterpart of SQLAlchemy's `engine.begin()`. Commit it with
+    /// [`AsyncSession::commit`]; dropping it uncommitted rolls back.
+    pub async fn begin(&self) -> Result<AsyncSession<C>, Error> {
+        let mut session = self.session();
+        session.begin()?;
+        session.hold(self.checkout().await?);
+        Ok(session)
+    }
+
+    /// Connection counts of the pool.
+    pub fn status(&self) -> PoolStatus {
+        let state = self.pool.state();
+        PoolStatus {
+            connections: state.connections,
+            idle: state.idle_connections,
+        }
+    }
+
+    /// Checks a connection out, failing at once if opening one fails.
+    pub(crate) async fn checkout(&self) -> Result<Pooled<C>, Error> {
+        let mut failures = self.connect_errors.subscribe();
+        tokio::select! {
+            biased;
+            got = self.pool.get_owned() => got.map_err(|e| match e {
+                bb8::RunError::User(e) => e,
+                bb8::RunError::TimedOut => Error::PoolTimeout(self.connection_timeout),
+            }),
+            Ok(()) = failures.changed() => {
+                let last = failures.borrow_and_update().clone();
+                Err(match last {
+                    Some(failure) => Error::Connect {
+                        url: failure.0.clone(),
+                        message: failure.1.clone(),
+                    },
+                    None => Error::ConnectionLost,
+                })
+            }
+        }
+    }
+}

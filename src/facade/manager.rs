@@ -1,0 +1,189 @@
+//! The bb8 side: how pooled connections are opened, checked and refused.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel::connection::{
+    AnsiTransactionManager, Connection, SimpleConnection, TransactionManager,
+};
+use diesel::result::{ConnectionError, QueryResult};
+use tokio::sync::watch;
+
+use crate::facade::echo::SqlEcho;
+use crate::facade::error::Error;
+use crate::facade::url::DatabaseUrl;
+
+/// A synchronous Diesel connection the engine can pool.
+///
+/// Implemented here for `SqliteConnection`, `PgConnection` and
+/// `MysqlConnection`; implement it for your own `#[derive(MultiConnection)]`
+/// type (the defaults need only an empty `impl`).
+pub trait PoolableConnection: Connection + Send + 'static {
+    /// Opens a connection to `url` and applies per-connection settings.
+    fn connect(url: &DatabaseUrl) -> Result<Self, ConnectionError> {
+        Self::establish(url.expose())
+    }
+
+    /// Begins the outermost transaction (SQLite uses `BEGIN IMMEDIATE`).
+    fn begin_outer_transaction(&mut self) -> QueryResult<()> {
+        <Self::TransactionManager as TransactionManager<Self>>::begin_transaction(self)
+    }
+
+    /// A cheap round trip that fails when the server has gone away.
+    fn ping(&mut self) -> QueryResult<()> {
+        self.batch_execute("SELECT 1")
+    }
+}
+
+impl PoolableConnection for diesel::PgConnection {}
+
+impl PoolableConnection for diesel::MysqlConnection {}
+
+impl PoolableConnection for diesel::SqliteConnection {
+    fn connect(url: &DatabaseUrl) -> Result<Self, ConnectionError> {
+        let mut conn = Self::establish(url.expose())?;
+        configure_sqlite(&mut conn, url.is_sqlite_memory())
+            .map_err(ConnectionError::CouldntSetupConfiguration)?;
+        Ok(conn)
+    }
+
+    fn begin_outer_transaction(&mut self) -> QueryResult<()> {
+        begin_immediate(self)
+    }
+}
+
+/// SQLite settings for many writers through one engine: WAL (readers never
+/// block the writer), a 5 s busy timeout, and foreign keys enforced.
+pub fn configure_sqlite(conn: &mut diesel::SqliteConnection, in_memory: bool) -> QueryResult<()> {
+    let journal = if in_memory { "" } else { "PRAGMA journal_mode = WAL;" };
+    conn.batch_execute(&format!(
+        "{journal} PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;"
+    ))
+}
+
+/// `BEGIN IMMEDIATE` on SQLite: takes the write lock up front, so two
+/// writers queue on the busy timeout instead of deadlocking on an upgrade.
+pub fn begin_immediate(conn: &mut diesel::SqliteConnection) -> QueryResult<()> {
+    AnsiTransactionManager::begin_transaction_sql(conn, "BEGIN IMMEDIATE")
+}
+
+/// What the pool holds: the connection (absent while a blocking task owns
+/// it) and when it last answered.
+pub struct Slot<C> {
+    pub(crate) conn: Option<C>,
+    pub(crate) last_used: Instant,
+}
+
+impl<C: PoolableConnection> Slot<C> {
+    /// True when the connection must not be reused: gone, or with a
+    /// transaction open or its transaction manager broken.
+    fn is_unusable(&mut self) -> bool {
+        match self.conn.as_mut() {
+            None => true,
+            Some(conn) => !matches!(
+                C::TransactionManager::transaction_manager_status_mut(conn).transaction_depth(),
+                Ok(None)
+            ),
+        }
+    }
+}
+
+/// The bb8 manager of a pool of `C`.
+pub struct Manager<C> {
+    pub(crate) url: DatabaseUrl,
+    pub(crate) echo: bool,
+    /// Connections used more recently than this are not pinged on checkout.
+    pub(crate) ping_after: Duration,
+    pub(crate) _conn: std::marker::PhantomData<fn() -> C>,
+}
+
+impl<C: PoolableConnection> Manager<C> {
+    fn connect_error(&self, error: &ConnectionError) -> Error {
+        let mut message = one_line(&self.url.scrub(&error.to_string()));
+        if self.url.backend() == crate::Backend::Sqlite {
+            message.push_str(" (does the file's directory exist, and is it writable?)");
+        }
+        Error::Connect {
+            url: self.url.to_string(),
+            message,
+        }
+    }
+}
+
+/// Collapses a multi-line driver message into one line.
+pub(crate) fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
+    type Connection = Slot<C>;
+    type Error = Error;
+
+    async fn connect(&self) -> Result<Slot<C>, Error> {
+        let url = self.url.clone();
+        let echo = self.echo;
+        let opened = tokio::task::spawn_blocking(move || {
+            let mut conn = C::connect(&url)?;
+            conn.set_instrumentation(SqlEcho::new(echo));
+            Ok::<_, ConnectionError>(conn)
+        })
+        .await
+        .map_err(|_| Error::RuntimeShutdown)?;
+        match opened {
+            Ok(conn) => {
+                tracing::debug!(target: crate::SQL_TARGET, "connected to {}", self.url);
+                Ok(Slot {
+                    conn: Some(conn),
+                    last_used: Instant::now(),
+                })
+            }
+            Err(e) => {
+                let error = self.connect_error(&e);
+                tracing::warn!(target: crate::SQL_TARGET, "{error}");
+                Err(error)
+            }
+        }
+    }
+
+    async fn is_valid(&self, slot: &mut Slot<C>) -> Result<(), Error> {
+        if slot.last_used.elapsed() < self.ping_after {
+            return Ok(());
+        }
+        let mut conn = slot.conn.take().ok_or(Error::ConnectionLost)?;
+        let (conn, pinged) = tokio::task::spawn_blocking(move || {
+            let pinged = conn.ping();
+            (conn, pinged)
+        })
+        .await
+        .map_err(|_| Error::RuntimeShutdown)?;
+        pinged?;
+        slot.conn = Some(conn);
+        slot.last_used = Instant::now();
+        Ok(())
+    }
+
+    fn has_broken(&self, slot: &mut Slot<C>) -> bool {
+        slot.is_unusable()
+    }
+}
+
+/// The last failed connect, as `(redacted url, message)`.
+pub(crate) type LastConnectError = Option<Arc<(String, String)>>;
+
+/// Receives bb8's background connection errors and wakes waiting checkouts,
+/// so a failed connect is reported at once instead of after the timeout.
+/// Failed pings of idle connections are not forwarded: bb8 replaces those.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectErrorSink(pub(crate) watch::Sender<LastConnectError>);
+
+impl bb8::ErrorSink<Error> for ConnectErrorSink {
+    fn sink(&self, error: Error) {
+        if let Error::Connect { url, message } = error {
+            self.0.send_replace(Some(Arc::new((url, message))));
+        }
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<Error>> {
+        Box::new(self.clone())
+    }
+}

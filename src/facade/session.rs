@@ -1,0 +1,404 @@
+//! `AsyncSession`: one unit of work over a pooled connection, with
+//! `run_sync` running synchronous Diesel code inside its transaction.
+//!
+//! # How cancellation and panics are contained
+//!
+//! Every operation moves the pooled connection into one `spawn_blocking`
+//! task and gets it back with the result. Then:
+//! - a panic in the user's closure is caught in that task, the transaction
+//!   rolled back, and [`Error::Panic`] returned;
+//! - if the awaiting future is dropped, a flag tells the task, which rolls
+//!   the transaction back before the connection returns to the pool; were the
+//!   flag missed, the pool's `has_broken` check refuses any connection with
+//!   a transaction open, and closing it makes the server roll back;
+//! - after a failed or cancelled operation inside a transaction, the session
+//!   refuses work ([`Error::PendingRollback`]) until `rollback()`, so later
+//!   steps can never be committed without the earlier ones.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use diesel::connection::TransactionManager;
+use diesel::result::QueryResult;
+
+use crate::facade::engine::{Engine, Pooled};
+use crate::facade::error::Error;
+use crate::facade::manager::PoolableConnection;
+
+/// Where a session's transaction stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    /// No transaction; the next statement begins one (autobegin).
+    Idle,
+    /// `begin()` was called; `BEGIN` goes out with the next statement.
+    Begun,
+    /// `BEGIN` was sent; work is pending until commit or rollback.
+    Open,
+    /// An operation started and never finished: its future was dropped.
+    InFlight,
+    /// An operation failed inside the transaction, which was rolled back;
+    /// `rollback()` must acknowledge it.
+    Failed(String),
+}
+
+/// An asynchronous session over an [`Engine`], the counterpart of
+/// SQLAlchemy's `AsyncSession`.
+///
+/// One session serves one task at a time (its methods take `&mut self`);
+/// concurrency comes from many sessions over one engine. Dropping a session
+/// rolls back whatever it did not commit and returns its connection.
+pub struct AsyncSession<C: PoolableConnection> {
+    engine: Engine<C>,
+    conn: Option<Pooled<C>>,
+    state: State,
+    /// Set by a [`transaction`](Self::transaction) scope whose future was dropped.
+    scope_cancelled: Option<Arc<AtomicBool>>,
+}
+
+impl<C: PoolableConnection> std::fmt::Debug for AsyncSession<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncSession")
+            .field("url", self.engine.url())
+            .field("state", &self.state)
+            .field("holds_connection", &self.conn.is_some())
+            .finish()
+    }
+}
+
+/// How the blocking half of an operation ended.
+enum Step<R, E> {
+    Done(R),
+    Begin(diesel::result::Error),
+    Failed(E),
+    Panicked(String),
+}
+
+/// Sets its flag when dropped before [`CancelFlag::disarm`]: the awaiting
+/// future was cancelled.
+struct CancelFlag(Arc<AtomicBool>, bool);
+
+impl CancelFlag {
+    fn new() -> (Self, Arc<AtomicBool>) {
+        let flag = Arc::new(AtomicBool::new(false));
+        (CancelFlag(flag.clone(), true), flag)
+    }
+
+    fn disarm(mut self) {
+        self.1 = false;
+    }
+}
+
+impl Drop for CancelFlag {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+}
+
+impl<C: PoolableConnection> AsyncSession<C> {
+    pub(crate) fn new(engine: Engine<C>) -> Self {
+        AsyncSession {
+            engine,
+            conn: None,
+            state: State::Idle,
+            scope_cancelled: None,
+        }
+    }
+
+    /// The engine this session draws connections from.
+    pub fn engine(&self) -> &Engine<C> {
+        &self.engine
+    }
+
+    /// Whether a transaction is begun (explicitly or by autobegin) and not yet ended.
+    pub fn in_transaction(&self) -> bool {
+        matches!(self.state, State::Begun | State::Open)
+    }
+
+    /// Whether the session currently holds a pooled connection.
+    pub fn holds_connection(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    pub(crate) fn hold(&mut self, conn: Pooled<C>) {
+        self.conn = Some(conn);
+    }
+
+    /// Begins a transaction explicitly. Lazy, as in SQLAlchemy: `BEGIN`
+    /// goes out with the next `run_sync`, in the same blocking hop.
+    pub fn begin(&mut self) -> Result<(), Error> {
+        self.check_usable()?;
+        match self.state {
+            State::Idle => {
+                self.state = State::Begun;
+                Ok(())
+            }
+            _ => Err(Error::TransactionAlreadyOpen),
+        }
+    }
+
+    /// Runs `f` on the blocking pool with the session's connection, inside
+    /// the session's transaction (begun first if none is), and returns what
+    /// `f` returns.
+    ///
+    /// If `f` returns an error or panics, the whole transaction is rolled
+    /// back and the session refuses further work until [`rollback`](Self::rollback).
+    pub async fn run_sync<R, E, F>(&mut self, f: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<Error> + Send + 'static,
+    {
+        self.check_usable()?;
+        let mut pooled = self.take_or_checkout().await?;
+        let needs_begin = self.state != State::Open;
+        self.state = State::InFlight;
+        let (flag, cancelled) = CancelFlag::new();
+        let joined = tokio::task::spawn_blocking(move || {
+            let slot = &mut *pooled;
+            let conn = slot.conn.as_mut().expect("a pooled slot holds its connection");
+            let step = if let Err(e) = begin_if(conn, needs_begin) {
+                Step::Begin(e)
+            } else {
+                match catch_unwind(AssertUnwindSafe(|| f(conn))) {
+                    Ok(Ok(value)) => Step::Done(value),
+                    Ok(Err(e)) => Step::Failed(e),
+                    Err(payload) => Step::Panicked(panic_message(payload.as_ref())),
+                }
+            };
+            if !matches!(step, Step::Done(_)) || cancelled.load(Ordering::Acquire) {
+                rollback_all(conn);
+            }
+            slot.last_used = Instant::now();
+            (pooled, step)
+        })
+        .await;
+        flag.disarm();
+        let (pooled, step) = joined.map_err(|e| self.lost(e))?;
+        match step {
+            Step::Done(value) => {
+                self.conn = Some(pooled);
+                self.state = State::Open;
+                Ok(value)
+            }
+            Step::Begin(e) => {
+                // BEGIN is the first statement of a transaction: no work is lost.
+                self.state = State::Idle;
+                Err(Error::Database(e).into())
+            }
+            Step::Failed(e) => {
+                self.state = State::Failed("the run_sync closure returned an error".into());
+                Err(e)
+            }
+            Step::Panicked(message) => {
+                self.state = State::Failed(format!("the run_sync closure panicked: {message}"));
+                Err(Error::Panic(message).into())
+            }
+        }
+    }
+
+    /// Commits the transaction, if one is open, and returns the connection
+    /// to the pool. With no transaction it does nothing.
+    pub async fn commit(&mut self) -> Result<(), Error> {
+        self.check_usable()?;
+        if self.state != State::Open {
+            self.state = State::Idle;
+            self.release();
+            return Ok(());
+        }
+        let committed = self
+            .blocking(|conn| {
+                let result = C::TransactionManager::commit_transaction(conn);
+                if result.is_err() {
+                    rollback_all(conn);
+                }
+                result
+            })
+            .await?;
+        self.release();
+        match committed {
+            Ok(()) => {
+                self.state = State::Idle;
+                Ok(())
+            }
+            Err(e) => {
+                self.state = State::Failed(format!("COMMIT failed: {e}"));
+                Err(Error::Database(e))
+            }
+        }
+    }
+
+    /// Rolls back whatever the session has not committed, returns the
+    /// connection to the pool, and makes the session usable again after a
+    /// failure or cancellation.
+    pub async fn rollback(&mut self) -> Result<(), Error> {
+        self.scope_cancelled = None;
+        let open = self.conn.as_mut().is_some_and(|p| has_open_transaction(p));
+        self.state = State::Idle;
+        if open {
+            // If this is cancelled, the connection goes back with the open
+            // transaction and the pool refuses it: still rolled back.
+            self.blocking(|conn| rollback_all(conn)).await?;
+        }
+        self.release();
+        Ok(())
+    }
+
+    /// Ends the session: rolls back anything uncommitted and returns the
+    /// connection. The session can be used again afterwards.
+    pub async fn close(&mut self) -> Result<(), Error> {
+        self.rollback().await
+    }
+
+    /// Runs `body` in a transaction: begins, commits when `body` returns
+    /// `Ok`, rolls back when it returns `Err`. If this future is dropped
+    /// midway, the session refuses work until `rollback()`, so a later
+    /// commit cannot keep half of the scope.
+    pub async fn transaction<R, E, F>(&mut self, body: F) -> Result<R, E>
+    where
+        F: AsyncFnOnce(&mut Self) -> Result<R, E>,
+        E: From<Error>,
+    {
+        self.begin()?;
+        let (flag, cancelled) = CancelFlag::new();
+        self.scope_cancelled = Some(cancelled);
+        let result = body(self).await;
+        flag.disarm();
+        self.scope_cancelled = None;
+        match result {
+            Ok(value) => {
+                self.commit().await?;
+                Ok(value)
+            }
+            Err(e) => {
+                if let Err(rollback_error) = self.rollback().await {
+                    tracing::warn!("rollback after a failed transaction scope: {rollback_error}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Fails if an earlier failure or cancellation awaits `rollback()`.
+    fn check_usable(&mut self) -> Result<(), Error> {
+        if self
+            .scope_cancelled
+            .take_if(|c| c.load(Ordering::Acquire))
+            .is_some()
+        {
+            self.state = State::Failed("a transaction() scope was cancelled".into());
+        }
+        match &self.state {
+            State::InFlight => {
+                self.state = State::Failed("an earlier operation was cancelled".into());
+                Err(Error::PendingRollback("an earlier operation was cancelled".into()))
+            }
+            State::Failed(reason) => Err(Error::PendingRollback(reason.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    async fn take_or_checkout(&mut self) -> Result<Pooled<C>, Error> {
+        match self.conn.take() {
+            Some(conn) => Ok(conn),
+            None => self.engine.checkout().await,
+        }
+    }
+
+    /// Runs `op` with the connection on the blocking pool (one hop).
+    async fn blocking<T: Send + 'static>(
+        &mut self,
+        op: impl FnOnce(&mut C) -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        let mut pooled = self.take_or_checkout().await?;
+        let previous = std::mem::replace(&mut self.state, State::InFlight);
+        let joined = tokio::task::spawn_blocking(move || {
+            let slot = &mut *pooled;
+            let value = op(slot.conn.as_mut().expect("a pooled slot holds its connection"));
+            slot.last_used = Instant::now();
+            (pooled, value)
+        })
+        .await;
+        let (pooled, value) = joined.map_err(|e| self.lost(e))?;
+        self.conn = Some(pooled);
+        self.state = previous;
+        Ok(value)
+    }
+
+    /// The blocking task died (runtime shutdown or a panic outside user
+    /// code); its connection is gone, and with it the transaction.
+    fn lost(&mut self, e: tokio::task::JoinError) -> Error {
+        self.state = State::Failed("the connection was lost".into());
+        if e.is_panic() {
+            Error::Panic(panic_message(e.into_panic().as_ref()))
+        } else {
+            Error::RuntimeShutdown
+        }
+    }
+
+    fn release(&mut self) {
+        self.conn = None;
+    }
+}
+
+impl<C: PoolableConnection> Drop for AsyncSession<C> {
+    fn drop(&mut self) {
+        let Some(mut pooled) = self.conn.take() else {
+            return;
+        };
+        if !has_open_transaction(&mut pooled) {
+            return;
+        }
+        // Roll back off the async thread; without a runtime, dropping the
+        // connection makes the pool close it and the server roll back.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn_blocking(move || {
+                if let Some(conn) = pooled.conn.as_mut() {
+                    rollback_all(conn);
+                }
+            });
+        }
+    }
+}
+
+fn has_open_transaction<C: PoolableConnection>(pooled: &mut Pooled<C>) -> bool {
+    pooled.conn.as_mut().is_none_or(|conn| {
+        !matches!(
+            C::TransactionManager::transaction_manager_status_mut(conn).transaction_depth(),
+            Ok(None)
+        )
+    })
+}
+
+fn begin_if<C: PoolableConnection>(conn: &mut C, needed: bool) -> QueryResult<()> {
+    if needed {
+        conn.begin_outer_transaction()
+    } else {
+        Ok(())
+    }
+}
+
+/// Rolls back every open level (savepoints left by a panic included).
+/// A failure leaves the transaction manager broken, so the pool drops the
+/// connection and the server rolls back when it closes.
+fn rollback_all<C: PoolableConnection>(conn: &mut C) {
+    while let Ok(Some(_)) =
+        C::TransactionManager::transaction_manager_status_mut(conn).transaction_depth()
+    {
+        if let Err(e) = C::TransactionManager::rollback_transaction(conn) {
+            tracing::warn!("ROLLBACK failed, the connection will be discarded: {e}");
+            break;
+        }
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
+}
