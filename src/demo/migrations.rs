@@ -31,7 +31,9 @@ fn migration_error(e: Box<dyn std::error::Error + Send + Sync>) -> DemoError {
 /// many were applied.
 pub fn create_all(conn: &mut AnyConnection) -> Result<usize, DemoError> {
     let migrations = for_backend(conn.backend());
-    let applied = conn.run_pending_migrations(migrations).map_err(migration_error)?;
+    let applied = conn
+        .run_pending_migrations(migrations)
+        .map_err(migration_error)?;
     Ok(applied.len())
 }
 
@@ -39,7 +41,9 @@ pub fn create_all(conn: &mut AnyConnection) -> Result<usize, DemoError> {
 /// `drop_all`). Returns how many were reverted.
 pub fn drop_all(conn: &mut AnyConnection) -> Result<usize, DemoError> {
     let migrations = for_backend(conn.backend());
-    let reverted = conn.revert_all_migrations(migrations).map_err(migration_error)?;
+    let reverted = conn
+        .revert_all_migrations(migrations)
+        .map_err(migration_error)?;
     Ok(reverted.len())
 }
 

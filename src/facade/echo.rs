@@ -71,7 +71,9 @@ impl Instrumentation for SqlEcho {
             }
             InstrumentationEvent::FinishEstablishConnection { url, error, .. } => match error {
                 None => report!(self.echo, "connected to {}", redact(url)),
-                Some(e) => tracing::warn!(target: SQL_TARGET, "connecting to {} failed: {e}", redact(url)),
+                Some(e) => {
+                    tracing::warn!(target: SQL_TARGET, "connecting to {} failed: {e}", redact(url))
+                }
             },
             _ => {}
         }

@@ -55,7 +55,11 @@ impl PoolableConnection for diesel::SqliteConnection {
 /// SQLite settings for many writers through one engine: WAL (readers never
 /// block the writer), a 5 s busy timeout, and foreign keys enforced.
 pub fn configure_sqlite(conn: &mut diesel::SqliteConnection, in_memory: bool) -> QueryResult<()> {
-    let journal = if in_memory { "" } else { "PRAGMA journal_mode = WAL;" };
+    let journal = if in_memory {
+        ""
+    } else {
+        "PRAGMA journal_mode = WAL;"
+    };
     conn.batch_execute(&format!(
         "{journal} PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;"
     ))

@@ -159,7 +159,10 @@ impl<C: PoolableConnection> AsyncSession<C> {
         let (flag, cancelled) = CancelFlag::new();
         let joined = tokio::task::spawn_blocking(move || {
             let slot = &mut *pooled;
-            let conn = slot.conn.as_mut().expect("a pooled slot holds its connection");
+            let conn = slot
+                .conn
+                .as_mut()
+                .expect("a pooled slot holds its connection");
             let step = if let Err(e) = begin_if(conn, needs_begin) {
                 Step::Begin(e)
             } else {
@@ -294,7 +297,9 @@ impl<C: PoolableConnection> AsyncSession<C> {
         match &self.state {
             State::InFlight => {
                 self.state = State::Failed("an earlier operation was cancelled".into());
-                Err(Error::PendingRollback("an earlier operation was cancelled".into()))
+                Err(Error::PendingRollback(
+                    "an earlier operation was cancelled".into(),
+                ))
             }
             State::Failed(reason) => Err(Error::PendingRollback(reason.clone())),
             _ => Ok(()),
@@ -317,7 +322,10 @@ impl<C: PoolableConnection> AsyncSession<C> {
         let previous = std::mem::replace(&mut self.state, State::InFlight);
         let joined = tokio::task::spawn_blocking(move || {
             let slot = &mut *pooled;
-            let value = op(slot.conn.as_mut().expect("a pooled slot holds its connection"));
+            let value = op(slot
+                .conn
+                .as_mut()
+                .expect("a pooled slot holds its connection"));
             slot.last_used = Instant::now();
             (pooled, value)
         })

@@ -76,7 +76,9 @@ impl DatabaseUrl {
             None => (Backend::Sqlite, url.to_owned()),
         };
         if backend != Backend::Sqlite && host_part(&raw).is_empty() {
-            return Err(invalid("it names no host, e.g. postgres://user@localhost/db"));
+            return Err(invalid(
+                "it names no host, e.g. postgres://user@localhost/db",
+            ));
         }
         Ok(DatabaseUrl { raw, backend })
     }
@@ -170,7 +172,11 @@ mod tests {
         for (url, backend) in cases {
             assert_eq!(DatabaseUrl::parse(url).unwrap().backend(), backend, "{url}");
         }
-        assert!(DatabaseUrl::parse("sqlite::memory:").unwrap().is_sqlite_memory());
+        assert!(
+            DatabaseUrl::parse("sqlite::memory:")
+                .unwrap()
+                .is_sqlite_memory()
+        );
     }
 
     #[test]
@@ -187,7 +193,10 @@ mod tests {
         let url = DatabaseUrl::parse("postgres://alice:s3cr%40t@db.example:5432/app?x=1").unwrap();
         for shown in [url.to_string(), format!("{url:?}")] {
             assert!(!shown.contains("s3cr"), "{shown}");
-            assert!(shown.contains("alice:***@db.example:5432/app?x=1"), "{shown}");
+            assert!(
+                shown.contains("alice:***@db.example:5432/app?x=1"),
+                "{shown}"
+            );
         }
         assert_eq!(url.scrub("bad password s3cr%40t"), "bad password ***");
         let err = DatabaseUrl::parse("nosuch://bob:hunter2@h/db").unwrap_err();
