@@ -1,0 +1,219 @@
+//! The program as a user runs it: `diesel-runsync` against each backend,
+//! with its printed objects, final rows, echoed statements and errors.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::TestDb;
+use diesel_runsync::Backend;
+use diesel_runsync::demo::queries::all_rows;
+
+/// What SPEC.md says the program prints.
+const SEED_OUTPUT: &str = "\
+A(id=1, data='a1')
+B(id=1, a_id=1, data=None)
+B(id=2, a_id=1, data=None)
+A(id=2, data='a2')
+B(id=3, a_id=2, data=None)
+A(id=3, data='a3')
+B(id=4, a_id=3, data=None)
+B(id=5, a_id=3, data=None)
+";
+
+/// Runs the binary in an empty directory (no `.env` there), with
+/// `DATABASE_URL` set and nothing else of ours inherited.
+fn run_program(database_url: &str, args: &[&str]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    Command::new(env!("CARGO_BIN_EXE_diesel-runsync"))
+        .args(args)
+        .current_dir(dir.path())
+        .env("DATABASE_URL", database_url)
+        .env_remove("RUST_LOG")
+        .env_remove("RUNSYNC_ECHO")
+        .output()
+        .expect("the program runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn a_full_run_prints_the_seed_objects_and_leaves_the_seed_rows() {
+    for db in TestDb::all("full_run") {
+        // Twice: the second run resets a schema that already exists.
+        for run in 1..=2 {
+            let out = run_program(&db.url, &[]);
+            assert!(
+                out.status.success(),
+                "{} run {run}: {}",
+                db.backend,
+                text(&out.stderr)
+            );
+            assert_eq!(text(&out.stdout), SEED_OUTPUT, "{} run {run}", db.backend);
+            assert_eq!(text(&out.stderr), "", "{} run {run}", db.backend);
+        }
+        let (parents, children) = all_rows(&mut db.connect()).unwrap();
+        let parents: Vec<_> = parents.into_iter().map(|a| (a.id, a.data)).collect();
+        let children: Vec<_> = children
+            .into_iter()
+            .map(|b| (b.id, b.a_id, b.data))
+            .collect();
+        assert_eq!(
+            parents,
+            vec![
+                (1, Some("new data".to_owned())),
+                (2, Some("a2".to_owned())),
+                (3, Some("a3".to_owned())),
+            ],
+            "{}",
+            db.backend
+        );
+        assert_eq!(
+            children,
+            vec![
+                (1, 1, None),
+                (2, 1, None),
+                (3, 2, None),
+                (4, 3, None),
+                (5, 3, None)
+            ],
+            "{}",
+            db.backend
+        );
+    }
+}
+
+/// The kind of each echoed statement, quotes removed, e.g. `SELECT b WHERE a_id [2]`.
+fn statement_kind(line: &str) -> Option<String> {
+    let line = line.replace(['`', '"'], "");
+    let binds = line
+        .split_once("-- binds: ")
+        .map(|(_, rest)| rest.split(" [").next().unwrap_or("").to_owned());
+    let kind = if line.starts_with("BEGIN") {
+        "BEGIN"
+    } else if line.starts_with("COMMIT") {
+        "COMMIT"
+    } else if line.starts_with("INSERT INTO a ") {
+        "INSERT a"
+    } else if line.starts_with("INSERT INTO b ") {
+        "INSERT b"
+    } else if line.starts_with("SELECT b.id, b.a_id, b.data FROM b WHERE (b.a_id =") {
+        return Some(format!("SELECT b WHERE a_id {}", binds.unwrap_or_default()));
+    } else if line.starts_with("SELECT a.id, a.data FROM a ORDER BY a.id") {
+        "SELECT a ORDER BY id"
+    } else if line.starts_with("SELECT a.id, a.data FROM a") {
+        "SELECT a"
+    } else if line.starts_with("UPDATE a SET data =") {
+        return Some(format!("UPDATE a {}", binds.unwrap_or_default()));
+    } else {
+        return None;
+    };
+    Some(kind.to_owned())
+}
+
+#[test]
+fn echo_shows_the_seed_statement_sequence() {
+    for db in TestDb::all("echo") {
+        // A first run leaves tables behind, so the echoed run drops them.
+        assert!(run_program(&db.url, &[]).status.success());
+        let out = run_program(&db.url, &["--echo"]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            db.backend,
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stdout), SEED_OUTPUT, "echo goes to stderr only");
+        let stderr = text(&out.stderr);
+        let kinds: Vec<String> = stderr.lines().filter_map(statement_kind).collect();
+        // After the schema step's COMMIT: the insert and run_sync transactions.
+        let last_schema_commit = kinds.iter().position(|k| k == "INSERT a").unwrap() - 2;
+        assert_eq!(
+            kinds[last_schema_commit], "COMMIT",
+            "{}: {kinds:?}",
+            db.backend
+        );
+        assert_eq!(kinds[0], "BEGIN", "{}: schema step begins", db.backend);
+        assert_eq!(
+            kinds[last_schema_commit + 1..],
+            [
+                "BEGIN",
+                "INSERT a",
+                "INSERT b",
+                "COMMIT",
+                "BEGIN",
+                "SELECT a",
+                "SELECT b WHERE a_id [1]",
+                "SELECT b WHERE a_id [2]",
+                "SELECT b WHERE a_id [3]",
+                "SELECT a ORDER BY id",
+                "UPDATE a [new data, 1]",
+                "COMMIT",
+            ],
+            "{}: {stderr}",
+            db.backend
+        );
+        assert!(stderr.contains("DROP TABLE b") && stderr.contains("CREATE TABLE a"));
+        assert!(stderr.contains(" ms]"), "durations are shown");
+    }
+}
+
+/// Asserts a one-line error on stderr, exit code 1, nothing on stdout, and
+/// no trace of `secret`.
+fn assert_clean_failure(out: &Output, expect: &str, secret: &str) {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(text(&out.stdout), "");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(stderr.contains(expect), "expected {expect:?} in {stderr}");
+    assert!(!stderr.contains(secret), "password leaked: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn bad_urls_give_one_line_errors_without_the_password() {
+    let secret = "hunter2secret";
+    let unknown = run_program(&format!("redis://u:{secret}@localhost/0"), &[]);
+    assert_clean_failure(&unknown, "unknown scheme `redis`", secret);
+    let empty = run_program("", &[]);
+    assert_clean_failure(&empty, "it is empty", secret);
+    let malformed = run_program(&format!("postgres://u:{secret}@127.0.0.1:notaport/db"), &[]);
+    assert_clean_failure(&malformed, "invalid integer value", secret);
+    let refused = run_program(&format!("postgres://u:{secret}@127.0.0.1:1/db"), &[]);
+    assert_clean_failure(&refused, "Connection refused", secret);
+    let refused = run_program(&format!("mysql://u:{secret}@127.0.0.1:1/db"), &[]);
+    assert_clean_failure(&refused, "cannot connect", secret);
+}
+
+#[test]
+fn a_missing_sqlite_directory_is_named_and_not_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no/such/dir");
+    let out = run_program(&missing.join("app.db").display().to_string(), &[]);
+    assert_clean_failure(&out, "does the file's directory exist", "\u{0}");
+    assert!(!missing.exists());
+}
+
+#[test]
+fn wrong_credentials_are_reported_without_the_password() {
+    let secret = "wrongpass123";
+    for backend in [Backend::Postgres, Backend::Mysql] {
+        let Some(db) = TestDb::server(backend, "wrong_credentials") else {
+            continue;
+        };
+        // PostgreSQL here trusts any password, so name a role that does not exist.
+        let (scheme, rest) = db.url.split_once("://").unwrap();
+        let host_and_db = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        let url = format!("{scheme}://no_such_user_rs:{secret}@{host_and_db}");
+        let out = run_program(&url, &[]);
+        assert_clean_failure(&out, "cannot connect", secret);
+        assert!(
+            text(&out.stderr).contains("no_such_user_rs"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+}
