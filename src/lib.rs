@@ -37,7 +37,8 @@
 //!   redacted), [`facade::manager`] (the bb8 manager and
 //!   [`PoolableConnection`]), [`facade::engine`] ([`Engine`], the pool),
 //!   [`facade::session`] ([`AsyncSession`] with `run_sync`, `begin`,
-//!   `commit`, `rollback`), [`facade::echo`] (statements to `tracing`),
+//!   `commit`, `rollback`), [`facade::retry`] (whole-transaction retries
+//!   on serialization failures and deadlocks), [`facade::echo`] (statements to `tracing`),
 //!   [`facade::error`] ([`Error`]).
 //! - [`demo`] — the example domain of SQLAlchemy's `greenlet_orm`:
 //!   [`demo::schema`] (tables `a`, `b`), [`demo::models`],
@@ -53,5 +54,5 @@ pub mod facade;
 
 pub use facade::{
     AsyncSession, Backend, DatabaseUrl, Engine, EngineOptions, Error, PoolStatus,
-    PoolableConnection, SQL_TARGET,
+    PoolableConnection, Retried, RetryPolicy, SQL_TARGET,
 };

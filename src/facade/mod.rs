@@ -6,6 +6,7 @@ pub mod echo;
 pub mod engine;
 pub mod error;
 pub mod manager;
+pub mod retry;
 pub mod session;
 pub mod url;
 
@@ -13,5 +14,6 @@ pub use echo::{SQL_TARGET, SqlEcho};
 pub use engine::{Engine, EngineOptions, PoolStatus};
 pub use error::Error;
 pub use manager::PoolableConnection;
+pub use retry::{Retried, RetryPolicy};
 pub use session::AsyncSession;
 pub use url::{Backend, DatabaseUrl};

@@ -1,0 +1,119 @@
+//! Retrying whole transactions that lost a serialization race or a deadlock.
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::facade::engine::Engine;
+use crate::facade::error::Error;
+use crate::facade::manager::PoolableConnection;
+
+/// How [`Engine::transaction_with_retry`] retries.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (at least 1).
+    pub max_attempts: u32,
+    /// Backoff before the second attempt; doubled after each failure.
+    pub base_delay: Duration,
+    /// Upper bound of the backoff.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 10,
+            base_delay: Duration::from_millis(2),
+            max_delay: Duration::from_millis(200),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The jittered backoff after `failures` failed attempts: uniformly
+    /// between half and all of `base_delay * 2^(failures-1)`, capped.
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let exponential = self
+            .base_delay
+            .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
+            .min(self.max_delay);
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let fraction = 0.5 + (random % 1_000) as f64 / 2_000.0;
+        exponential.mul_f64(fraction)
+    }
+}
+
+/// A result and the number of attempts it took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retried<R> {
+    /// What the closure returned on the attempt that committed.
+    pub value: R,
+    /// Attempts made, 1 when the first one committed.
+    pub attempts: u32,
+}
+
+impl<C: PoolableConnection> Engine<C> {
+    /// Runs `f` in a transaction of its own (a fresh session: `run_sync`,
+    /// then commit), and runs the whole transaction again, after a jittered
+    /// backoff, when it fails with a retryable error
+    /// ([`Error::is_retryable`]: serialization failure, deadlock, lock
+    /// timeout, SQLite busy), up to `policy.max_attempts` attempts.
+    ///
+    /// Every attempt starts from `BEGIN`, so it is safe with servers that
+    /// ask clients to restart transactions (CockroachDB's 40001). `f` may
+    /// run several times: keep side effects outside the database out of it.
+    pub async fn transaction_with_retry<R, F>(
+        &self,
+        policy: &RetryPolicy,
+        f: F,
+    ) -> Result<Retried<R>, Error>
+    where
+        F: Fn(&mut C) -> Result<R, Error> + Send + Sync + 'static,
+        R: Send + 'static,
+    {
+        let f = Arc::new(f);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let mut session = self.session();
+            let attempt_f = f.clone();
+            let outcome = async {
+                let value = session.run_sync(move |conn| attempt_f(conn)).await?;
+                session.commit().await?;
+                Ok::<_, Error>(value)
+            }
+            .await;
+            match outcome {
+                Ok(value) => return Ok(Retried { value, attempts }),
+                Err(e) if e.is_retryable() && attempts < policy.max_attempts.max(1) => {
+                    drop(session);
+                    tracing::debug!("attempt {attempts} failed, retrying: {e}");
+                    tokio::time::sleep(policy.backoff(attempts)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_jitter_and_is_capped() {
+        let policy = RetryPolicy {
+            max_attempts: 5,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(35),
+        };
+        let first = policy.backoff(1);
+        assert!(first >= Duration::from_millis(5) && first <= Duration::from_millis(10));
+        let second = policy.backoff(2);
+        assert!(second >= Duration::from_millis(10) && second <= Duration::from_millis(20));
+        let capped = policy.backoff(10);
+        assert!(capped <= Duration::from_millis(35), "{capped:?}");
+    }
+}

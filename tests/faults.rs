@@ -1,0 +1,408 @@
+//! Fault suite: each test prints one figure line per backend (straight to
+//! stderr, so `cargo test` shows it) and fails if a bound breaks. Every unit
+//! of work is "a parent with its two children", so a partial commit shows
+//! as a parent without both children.
+//!
+//! `RUNSYNC_FAULT_ROUNDS` scales the round counts (default below).
+
+mod common;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{TestDb, migrate, open_transactions, partial_units, settle};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Integer};
+use diesel_runsync::demo::schema::{a, b};
+use diesel_runsync::demo::{AnyConnection, DemoError, NewA, NewB};
+use diesel_runsync::{Backend, EngineOptions, Error, RetryPolicy};
+
+fn rounds(default: usize) -> usize {
+    std::env::var("RUNSYNC_FAULT_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn figure(line: String) {
+    let _ = writeln!(std::io::stderr(), "FIGURE {line}");
+}
+
+fn insert_parent(conn: &mut AnyConnection) -> Result<i32, DemoError> {
+    diesel::insert_into(a::table)
+        .values(NewA { data: Some("unit") })
+        .execute(conn)?;
+    Ok(a::table.select(a::id).order(a::id.desc()).first(conn)?)
+}
+
+fn insert_children(conn: &mut AnyConnection, a_id: i32) -> Result<(), DemoError> {
+    for _ in 0..2 {
+        diesel::insert_into(b::table)
+            .values(NewB { a_id, data: None })
+            .execute(conn)?;
+    }
+    Ok(())
+}
+
+/// A xorshift step: pseudo-random numbers without a dependency.
+fn next(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panics_at_random_points_lose_nothing_and_poison_nothing() {
+    let n = rounds(1_000);
+    for db in TestDb::all("fault_panics") {
+        let engine = db
+            .engine_with(EngineOptions {
+                max_size: 4,
+                connection_timeout: Duration::from_secs(10),
+                ..EngineOptions::default()
+            })
+            .await;
+        migrate(&engine).await;
+        let mut seed = 0x2545_f491_4f6c_dd1d;
+        let (mut panics, mut committed) = (0, 0);
+        for _ in 0..n {
+            let point = next(&mut seed) % 4; // 0: before, 1: between, 2: after children, 3: none
+            let mut session = engine.session();
+            let result = session
+                .run_sync(move |c| {
+                    if point == 0 {
+                        panic!("before the parent");
+                    }
+                    let id = insert_parent(c)?;
+                    if point == 1 {
+                        panic!("between parent and children");
+                    }
+                    insert_children(c, id)?;
+                    if point == 2 {
+                        panic!("after the children");
+                    }
+                    Ok::<_, DemoError>(())
+                })
+                .await;
+            match result {
+                Ok(()) => {
+                    session.commit().await.unwrap();
+                    committed += 1;
+                }
+                Err(DemoError::Session(Error::Panic(_))) => panics += 1,
+                Err(other) => panic!("{}: unexpected {other}", db.backend),
+            }
+        }
+        settle(&engine).await;
+        let status = engine.status();
+        let partial = partial_units(&db, 2);
+        let open = open_transactions(&db);
+        let mut conn = db.connect();
+        let parents: i64 = a::table.count().get_result(&mut conn).unwrap();
+        figure(format!(
+            "panic {}: rounds={n} panics={panics} committed={committed} rows={parents} partial_units={partial} open_transactions={open} pool={}/{} idle",
+            db.backend, status.idle, status.connections
+        ));
+        assert_eq!(panics + committed, n);
+        assert_eq!(parents, committed as i64, "{}", db.backend);
+        assert_eq!((partial, open), (0, 0), "{}", db.backend);
+        assert!(status.connections <= 4 && status.idle == status.connections);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn futures_dropped_at_random_awaits_leave_no_trace() {
+    let n = rounds(1_000);
+    for db in TestDb::all("fault_cancel") {
+        let engine = db
+            .engine_with(EngineOptions {
+                max_size: 4,
+                connection_timeout: Duration::from_secs(10),
+                ..EngineOptions::default()
+            })
+            .await;
+        migrate(&engine).await;
+        let mut seed = 0x9e37_79b9_7f4a_7c15;
+        let (mut completed, mut dropped) = (0, 0);
+        for _ in 0..n {
+            let delay = Duration::from_micros(next(&mut seed) % 3_000);
+            let mut session = engine.session();
+            let work = async {
+                session.begin()?;
+                let id = session.run_sync(insert_parent).await?;
+                session.run_sync(move |c| insert_children(c, id)).await?;
+                session.commit().await?;
+                Ok::<_, DemoError>(())
+            };
+            match tokio::time::timeout(delay, work).await {
+                Ok(Ok(())) => completed += 1,
+                Ok(Err(e)) => panic!("{}: {e}", db.backend),
+                Err(_) => dropped += 1,
+            }
+        }
+        settle(&engine).await;
+        let status = engine.status();
+        let partial = partial_units(&db, 2);
+        let open = open_transactions(&db);
+        figure(format!(
+            "cancel {}: rounds={n} dropped={dropped} completed={completed} partial_units={partial} open_transactions={open} pool={}/{} idle",
+            db.backend, status.idle, status.connections
+        ));
+        assert_eq!((partial, open), (0, 0), "{}", db.backend);
+        assert_eq!(status.idle, status.connections);
+        engine.session().run_sync(insert_parent).await.unwrap();
+    }
+}
+
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+#[tokio::test]
+async fn connections_killed_by_the_server_are_errors_and_evicted() {
+    let n = rounds(100);
+    for backend in [Backend::Postgres, Backend::Mysql] {
+        let Some(db) = TestDb::server(backend, "fault_kill") else {
+            continue;
+        };
+        let engine = db
+            .engine_with(EngineOptions {
+                max_size: 2,
+                ping_after: Duration::ZERO,
+                ..EngineOptions::default()
+            })
+            .await;
+        migrate(&engine).await;
+        let mut admin = db.connect();
+        let mut errors = 0;
+        for _ in 0..n {
+            let mut session = engine.session();
+            let (parent, pid) = session
+                .run_sync(|c| {
+                    let parent = insert_parent(c)?;
+                    let sql = match c.backend() {
+                        Backend::Postgres => "SELECT CAST(pg_backend_pid() AS BIGINT) AS id",
+                        _ => "SELECT CAST(CONNECTION_ID() AS SIGNED) AS id",
+                    };
+                    let pid = diesel::sql_query(sql).get_result::<Id>(c)?.id;
+                    Ok::<_, DemoError>((parent, pid))
+                })
+                .await
+                .unwrap();
+            let kill = match backend {
+                Backend::Postgres => format!("SELECT pg_terminate_backend({pid})"),
+                _ => format!("KILL {pid}"),
+            };
+            diesel::sql_query(kill).execute(&mut admin).unwrap();
+            let result = session.run_sync(move |c| insert_children(c, parent)).await;
+            if result.is_err() {
+                errors += 1;
+            }
+            let _ = session.rollback().await;
+            // The next session works: the dead connection was not reused.
+            let mut next_session = engine.session();
+            let id = next_session.run_sync(insert_parent).await.unwrap();
+            next_session
+                .run_sync(move |c| insert_children(c, id))
+                .await
+                .unwrap();
+            next_session.commit().await.unwrap();
+        }
+        settle(&engine).await;
+        let partial = partial_units(&db, 2);
+        figure(format!(
+            "kill {backend}: rounds={n} errors={errors} partial_units={partial} next_session_ok={n}"
+        ));
+        assert_eq!(
+            errors, n,
+            "{backend}: every use of a killed connection fails"
+        );
+        assert_eq!(partial, 0, "{backend}");
+    }
+}
+
+#[derive(QueryableByName)]
+struct Counter {
+    #[diesel(sql_type = Integer)]
+    n: i32,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contended_increments_are_exact_with_retries() {
+    let (tasks, per_task) = (64, rounds(100).min(100));
+    for db in TestDb::all("fault_contention") {
+        let engine = db
+            .engine_with(EngineOptions {
+                max_size: 8,
+                connection_timeout: Duration::from_secs(60),
+                ..EngineOptions::default()
+            })
+            .await;
+        let mut setup = db.connect();
+        diesel::sql_query("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
+            .execute(&mut setup)
+            .unwrap();
+        diesel::sql_query("INSERT INTO counter VALUES (1, 0)")
+            .execute(&mut setup)
+            .unwrap();
+        let retries = Arc::new(AtomicU32::new(0));
+        let started = Instant::now();
+        let mut handles = Vec::new();
+        for _ in 0..tasks {
+            let engine = engine.clone();
+            let retries = retries.clone();
+            handles.push(tokio::spawn(async move {
+                let policy = RetryPolicy {
+                    max_attempts: 100,
+                    ..RetryPolicy::default()
+                };
+                for _ in 0..per_task {
+                    let done = engine
+                        .transaction_with_retry(&policy, |c: &mut AnyConnection| {
+                            let read = match c.backend() {
+                                // Serializable: concurrent read-modify-writes conflict (40001) and retry.
+                                Backend::Postgres => {
+                                    diesel::sql_query(
+                                        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+                                    )
+                                    .execute(c)?;
+                                    "SELECT n FROM counter WHERE id = 1"
+                                }
+                                Backend::Mysql => "SELECT n FROM counter WHERE id = 1 FOR UPDATE",
+                                // BEGIN IMMEDIATE already holds the write lock.
+                                Backend::Sqlite => "SELECT n FROM counter WHERE id = 1",
+                            };
+                            let n = diesel::sql_query(read).get_result::<Counter>(c)?.n;
+                            diesel::sql_query(format!(
+                                "UPDATE counter SET n = {} WHERE id = 1",
+                                n + 1
+                            ))
+                            .execute(c)?;
+                            Ok(())
+                        })
+                        .await
+                        .expect("an increment commits within its attempts");
+                    retries.fetch_add(done.attempts - 1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for handle in handles {
+            handle.await.unwrap();
+        }
+        let elapsed = started.elapsed();
+        let n = diesel::sql_query("SELECT n FROM counter WHERE id = 1")
+            .get_result::<Counter>(&mut setup)
+            .unwrap()
+            .n;
+        figure(format!(
+            "contention {}: tasks={tasks} increments_each={per_task} counter={n} retried_conflicts={} seconds={:.2}",
+            db.backend,
+            retries.load(Ordering::Relaxed),
+            elapsed.as_secs_f64()
+        ));
+        assert_eq!(n as usize, tasks * per_task, "{}", db.backend);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_times_more_sessions_than_connections_complete_or_time_out() {
+    for db in TestDb::all("fault_oversubscribed") {
+        let pool = 4;
+        let engine = db
+            .engine_with(EngineOptions {
+                max_size: pool,
+                connection_timeout: Duration::from_millis(300),
+                ..EngineOptions::default()
+            })
+            .await;
+        migrate(&engine).await;
+        let started = Instant::now();
+        let mut handles = Vec::new();
+        for _ in 0..pool * 4 {
+            let engine = engine.clone();
+            handles.push(tokio::spawn(async move {
+                let mut session = engine.session();
+                session
+                    .run_sync(|c| {
+                        std::thread::sleep(Duration::from_millis(100));
+                        insert_parent(c)
+                    })
+                    .await?;
+                session.rollback().await?;
+                Ok::<_, DemoError>(())
+            }));
+        }
+        let (mut completed, mut timed_out) = (0, 0);
+        for handle in handles {
+            match handle.await.unwrap() {
+                Ok(()) => completed += 1,
+                Err(DemoError::Session(Error::PoolTimeout(_))) => timed_out += 1,
+                Err(other) => panic!("{}: unexpected {other}", db.backend),
+            }
+        }
+        let elapsed = started.elapsed();
+        settle(&engine).await;
+        figure(format!(
+            "oversubscribed {}: sessions={} pool={pool} completed={completed} pool_timeouts={timed_out} seconds={:.2}",
+            db.backend,
+            pool * 4,
+            elapsed.as_secs_f64()
+        ));
+        assert_eq!(completed + timed_out, pool * 4);
+        assert!(completed >= pool, "{}", db.backend);
+        assert!(elapsed < Duration::from_secs(10), "{}: bounded", db.backend);
+        assert_eq!(open_transactions(&db), 0);
+    }
+}
+
+#[tokio::test]
+async fn hostile_data_round_trips_byte_for_byte() {
+    let values = [
+        "it's \"quoted\" `back` \\ slash".to_owned(),
+        "'; DROP TABLE a; --".to_owned(),
+        "ünïcødé — 日本語 — emoji 🦀 — RTL עברית".to_owned(),
+        "x".repeat(1 << 20),
+    ];
+    for db in TestDb::all("fault_hostile") {
+        let engine = db.engine().await;
+        migrate(&engine).await;
+        let mut session = engine.session();
+        let stored = values.to_vec();
+        let read = session
+            .run_sync(move |c| {
+                let mut read = Vec::new();
+                for v in &stored {
+                    diesel::insert_into(a::table)
+                        .values(NewA { data: Some(v) })
+                        .execute(c)?;
+                    let back: Option<String> =
+                        a::table.select(a::data).order(a::id.desc()).first(c)?;
+                    read.push(back);
+                }
+                Ok::<_, DemoError>(read)
+            })
+            .await
+            .unwrap();
+        session.commit().await.unwrap();
+        let ok = read
+            .iter()
+            .zip(&values)
+            .filter(|(r, v)| r.as_deref() == Some(v.as_str()))
+            .count();
+        figure(format!(
+            "hostile {}: values={} identical={ok} largest_bytes={}",
+            db.backend,
+            values.len(),
+            1 << 20
+        ));
+        assert_eq!(ok, values.len(), "{}", db.backend);
+        // The injection attempt did not drop anything.
+        let mut conn = db.connect();
+        assert_eq!(a::table.count().get_result::<i64>(&mut conn).unwrap(), 4);
+    }
+}
