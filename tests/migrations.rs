@@ -42,7 +42,7 @@ fn a_conflicting_table_fails_the_migration_by_name_and_writes_nothing() {
             .execute(&mut conn)
             .unwrap();
         let err = conn
-            .transaction(|c| create_all(c))
+            .transaction(create_all)
             .expect_err("the migration must fail");
         let message = err.to_string();
         assert!(matches!(err, DemoError::Migration(_)), "{message}");
