@@ -1,0 +1,259 @@
+//! Drives `examples/http_service.rs` over HTTP on loopback: the example's
+//! router, served in-process on 127.0.0.1:0 over a temporary SQLite file,
+//! with a minimal HTTP/1.1 client on a plain `TcpStream`.
+
+mod common;
+
+#[path = "../examples/http_service.rs"]
+#[allow(dead_code)]
+mod service;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use diesel_runsync::EngineOptions;
+use diesel_runsync::demo::queries::all_rows;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use common::TestDb;
+
+/// A response: status code, headers (names lowercased) and body.
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One request on a fresh connection (`Connection: close`), read to the end.
+async fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Reply {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .expect("connect to the service");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(body) = body {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    head.push_str(body.unwrap_or(""));
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .expect("the response within 10 s")
+        .unwrap();
+    parse(&String::from_utf8(raw).expect("a UTF-8 response"))
+}
+
+fn parse(raw: &str) -> Reply {
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a header block");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("a status line: {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(size.trim(), 16).expect("a hex chunk size");
+        if size == 0 {
+            return body;
+        }
+        body.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_parents_over_http_and_shuts_down_gracefully() {
+    let db = TestDb::sqlite("http_service");
+    let options = EngineOptions {
+        max_size: 2,
+        ..EngineOptions::default()
+    };
+    let engine = service::connect(&db.url, options)
+        .await
+        .expect("engine and migrations");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(service::serve(listener, engine.clone(), async {
+        let _ = stopped.await;
+    }));
+
+    let health = request(addr, "GET", "/health", None).await;
+    assert_eq!(health.status, 200, "{}", health.body);
+    let health = health.json();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["backend"], "sqlite");
+    assert!(
+        health["pool"]["connections"].as_u64().unwrap() >= 1,
+        "{health}"
+    );
+
+    let empty = request(addr, "GET", "/parents", None).await;
+    assert_eq!((empty.status, empty.json()), (200, json!([])));
+
+    let created = request(
+        addr,
+        "POST",
+        "/parents",
+        Some(r#"{"data": "a1", "children": [null, "x"]}"#),
+    )
+    .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    assert_eq!(created.header("location"), Some("/parents/1"));
+    let a1 = json!({
+        "id": 1,
+        "data": "a1",
+        "children": [
+            {"id": 1, "a_id": 1, "data": null},
+            {"id": 2, "a_id": 1, "data": "x"},
+        ],
+    });
+    assert_eq!(created.json(), a1);
+
+    let second = request(addr, "POST", "/parents", Some(r#"{"data": null}"#)).await;
+    assert_eq!(second.status, 201, "{}", second.body);
+    let a2 = json!({"id": 2, "data": null, "children": []});
+    assert_eq!(second.json(), a2);
+
+    let all = request(addr, "GET", "/parents", None).await;
+    assert_eq!((all.status, all.json()), (200, json!([a1, a2])));
+    let one = request(addr, "GET", "/parents/1", None).await;
+    assert_eq!((one.status, one.json()), (200, a1));
+
+    // What a client gets wrong is a 4xx with a JSON message.
+    let missing = request(addr, "GET", "/parents/99", None).await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.json()["error"], "no parent with id 99");
+    let not_a_number = request(addr, "GET", "/parents/abc", None).await;
+    assert_eq!(not_a_number.status, 404);
+    assert!(not_a_number.json()["error"].is_string());
+    let malformed = request(addr, "POST", "/parents", Some(r#"{"data": "#)).await;
+    assert_eq!(malformed.status, 400, "{}", malformed.body);
+    assert!(malformed.json()["error"].is_string());
+    let wrong_type = request(addr, "POST", "/parents", Some(r#"{"data": 1}"#)).await;
+    assert_eq!(wrong_type.status, 422, "{}", wrong_type.body);
+    assert!(
+        wrong_type.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("data")
+    );
+    let unknown = request(addr, "GET", "/nowhere", None).await;
+    assert_eq!(unknown.status, 404);
+
+    // Many clients at once share the small pool; every insert lands.
+    let posts = (0..8).map(|i| {
+        tokio::spawn(async move {
+            let body = format!(r#"{{"data": "c{i}", "children": [null]}}"#);
+            request(addr, "POST", "/parents", Some(&body)).await.status
+        })
+    });
+    for post in posts {
+        assert_eq!(post.await.unwrap(), 201);
+    }
+
+    // The rows a user would find in the database.
+    let mut conn = db.connect();
+    let (parents, children) = all_rows(&mut conn).unwrap();
+    assert_eq!((parents.len(), children.len()), (10, 10));
+    assert_eq!(parents[0].data.as_deref(), Some("a1"));
+    assert_eq!(children[1].data.as_deref(), Some("x"));
+
+    // Graceful shutdown: serve returns, and the port stops answering.
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("serve returns within 10 s of the shutdown signal")
+        .expect("the server task did not panic")
+        .expect("serve ended without an I/O error");
+    assert!(TcpStream::connect(addr).await.is_err());
+    let status = engine.status();
+    assert_eq!(
+        status.connections, status.idle,
+        "no connection still checked out"
+    );
+}
+
+#[test]
+fn config_reads_its_variables_and_names_a_bad_one() {
+    fn env<'a>(pairs: &'a [(&str, &str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+    let defaults = service::Config::from_lookup(env(&[])).unwrap();
+    assert_eq!(defaults.database_url, "runsync.db");
+    assert_eq!(defaults.bind, "127.0.0.1:3000".parse().unwrap());
+    assert_eq!(defaults.options.max_size, 8);
+    assert!(!defaults.options.echo);
+
+    let config = service::Config::from_lookup(env(&[
+        ("DATABASE_URL", "postgres://u:secret@db/app"),
+        ("BIND", "0.0.0.0:8080"),
+        ("RUNSYNC_POOL_SIZE", "3"),
+        ("RUNSYNC_POOL_TIMEOUT", "7"),
+        ("RUNSYNC_ECHO", "yes"),
+    ]))
+    .unwrap();
+    assert_eq!(config.database_url, "postgres://u:secret@db/app");
+    assert_eq!(config.bind, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(config.options.max_size, 3);
+    assert_eq!(config.options.connection_timeout, Duration::from_secs(7));
+    assert!(config.options.echo);
+
+    for (name, value) in [
+        ("RUNSYNC_POOL_SIZE", "many"),
+        ("RUNSYNC_POOL_TIMEOUT", "-1"),
+        ("BIND", "localhost"),
+        ("RUNSYNC_ECHO", "maybe"),
+    ] {
+        let err = service::Config::from_lookup(env(&[(name, value)])).unwrap_err();
+        assert!(err.starts_with(name), "{err}");
+    }
+}
