@@ -49,6 +49,8 @@
 //!
 //! The binary (`src/main.rs`) runs that program from the command line.
 
+#![warn(missing_docs)]
+
 pub mod demo;
 pub mod facade;
 
