@@ -5,6 +5,7 @@
 //! code, inside the async session's own transaction.
 //!
 //! ```
+//! use diesel::connection::SimpleConnection;
 //! use diesel::prelude::*;
 //! use diesel_runsync::{Engine, EngineOptions, Error};
 //!
@@ -24,6 +25,13 @@
 //!     })
 //!     .await?;
 //! session.commit().await?;
+//!
+//! // A fresh session (another transaction) sees the committed row.
+//! let x: i32 = engine
+//!     .session()
+//!     .run_sync(|conn| Ok::<_, Error>(diesel::dsl::sql::<diesel::sql_types::Integer>("SELECT x FROM t").get_result(conn)?))
+//!     .await?;
+//! assert_eq!(x, 42);
 //! # Ok(())
 //! # }
 //! ```
