@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use common::{TestDb, migrate, open_transactions, partial_units, settle};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Integer};
+use diesel_runsync::demo::queries::insert_families;
 use diesel_runsync::demo::schema::{a, b};
-use diesel_runsync::demo::{AnyConnection, DemoError, NewA, NewB};
+use diesel_runsync::demo::{AnyConnection, DemoError, Family, NewA, NewB};
 use diesel_runsync::{Backend, EngineOptions, Error, RetryPolicy};
 
 fn rounds(default: usize) -> usize {
@@ -31,10 +32,9 @@ fn figure(line: String) {
 }
 
 fn insert_parent(conn: &mut AnyConnection) -> Result<i32, DemoError> {
-    diesel::insert_into(a::table)
-        .values(NewA { data: Some("unit") })
-        .execute(conn)?;
-    Ok(a::table.select(a::id).order(a::id.desc()).first(conn)?)
+    // insert_families reads the new id back safely under concurrency
+    // (RETURNING, or LAST_INSERT_ID() on MySQL).
+    Ok(insert_families(conn, &[Family::new("unit", 0)])?[0])
 }
 
 fn insert_children(conn: &mut AnyConnection, a_id: i32) -> Result<(), DemoError> {
@@ -113,6 +113,52 @@ async fn panics_at_random_points_lose_nothing_and_poison_nothing() {
     }
 }
 
+/// Where a unit of work was when its future was dropped.
+const STAGES: [&str; 8] = [
+    "engine.begin",
+    "run_sync#1 before f",
+    "inside f#1",
+    "after f#1",
+    "run_sync#2 before f",
+    "inside f#2",
+    "after f#2",
+    "commit",
+];
+
+/// One unit whose every await publishes its stage (see [`STAGES`]); the
+/// closures publish from the blocking thread when they start and end.
+async fn staged_unit(
+    engine: &diesel_runsync::Engine<AnyConnection>,
+    stage: &Arc<AtomicU32>,
+) -> Result<(), DemoError> {
+    let set = |s: &Arc<AtomicU32>, v| s.store(v, Ordering::SeqCst);
+    set(stage, 0);
+    let mut session = engine.begin().await?;
+    set(stage, 1);
+    let inner = stage.clone();
+    let id = session
+        .run_sync(move |c| {
+            set(&inner, 2);
+            let id = insert_parent(c);
+            set(&inner, 3);
+            id
+        })
+        .await?;
+    set(stage, 4);
+    let inner = stage.clone();
+    session
+        .run_sync(move |c| {
+            set(&inner, 5);
+            let done = insert_children(c, id);
+            set(&inner, 6);
+            done
+        })
+        .await?;
+    set(stage, 7);
+    session.commit().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn futures_dropped_at_random_awaits_leave_no_trace() {
     let n = rounds(1_000);
@@ -125,33 +171,53 @@ async fn futures_dropped_at_random_awaits_leave_no_trace() {
             })
             .await;
         migrate(&engine).await;
+        // Time a few whole units, so the random cut points span one.
+        let stage = Arc::new(AtomicU32::new(0));
+        let started = Instant::now();
+        for _ in 0..20 {
+            staged_unit(&engine, &stage).await.unwrap();
+        }
+        let span = (started.elapsed() / 20).as_micros().max(1) as u64;
         let mut seed = 0x9e37_79b9_7f4a_7c15;
-        let (mut completed, mut dropped) = (0, 0);
-        for _ in 0..n {
-            let delay = Duration::from_micros(next(&mut seed) % 3_000);
-            let mut session = engine.session();
-            let work = async {
-                session.begin()?;
-                let id = session.run_sync(insert_parent).await?;
-                session.run_sync(move |c| insert_children(c, id)).await?;
-                session.commit().await?;
-                Ok::<_, DemoError>(())
-            };
-            match tokio::time::timeout(delay, work).await {
+        let (mut completed, mut dropped, mut attempts) = (20, 0, 0);
+        let mut at = [0usize; STAGES.len()];
+        while dropped < n && attempts < 20 * n {
+            attempts += 1;
+            let delay = Duration::from_micros(next(&mut seed) % span);
+            // A stage of its own: a dropped unit's blocking task may still run.
+            let stage = Arc::new(AtomicU32::new(0));
+            match tokio::time::timeout(delay, staged_unit(&engine, &stage)).await {
                 Ok(Ok(())) => completed += 1,
                 Ok(Err(e)) => panic!("{}: {e}", db.backend),
-                Err(_) => dropped += 1,
+                Err(_) => {
+                    dropped += 1;
+                    at[stage.load(Ordering::SeqCst) as usize] += 1;
+                }
             }
         }
         settle(&engine).await;
         let status = engine.status();
         let partial = partial_units(&db, 2);
         let open = open_transactions(&db);
+        let mut conn = db.connect();
+        let parents: i64 = a::table.count().get_result(&mut conn).unwrap();
+        let where_dropped: Vec<String> = STAGES
+            .iter()
+            .zip(at)
+            .map(|(name, count)| format!("{name}:{count}"))
+            .collect();
         figure(format!(
-            "cancel {}: rounds={n} dropped={dropped} completed={completed} partial_units={partial} open_transactions={open} pool={}/{} idle",
-            db.backend, status.idle, status.connections
+            "cancel {}: dropped={dropped} completed={completed} committed_units={parents} partial_units={partial} open_transactions={open} pool={}/{} idle; dropped at [{}]",
+            db.backend,
+            status.idle,
+            status.connections,
+            where_dropped.join(", ")
         ));
+        assert_eq!(dropped, n, "{}: enough drops", db.backend);
         assert_eq!((partial, open), (0, 0), "{}", db.backend);
+        // Completed units committed; a unit dropped at commit may have committed too.
+        assert!(parents as usize >= completed, "{}", db.backend);
+        assert!(parents as usize <= completed + at[7], "{}", db.backend);
         assert_eq!(status.idle, status.connections);
         engine.session().run_sync(insert_parent).await.unwrap();
     }

@@ -9,16 +9,16 @@ use std::time::Duration;
 
 use common::{TestDb, migrate, open_transactions, partial_units, settle};
 use diesel::prelude::*;
+use diesel_runsync::demo::queries::insert_families;
 use diesel_runsync::demo::schema::{a, b};
-use diesel_runsync::demo::{AnyConnection, DemoError, NewA, NewB};
+use diesel_runsync::demo::{AnyConnection, DemoError, Family, NewB};
 use diesel_runsync::{AsyncSession, EngineOptions, Error};
 
 /// The first half of a unit: one parent, returning its id.
 fn insert_parent(conn: &mut AnyConnection) -> Result<i32, DemoError> {
-    diesel::insert_into(a::table)
-        .values(NewA { data: Some("unit") })
-        .execute(conn)?;
-    Ok(a::table.select(a::id).order(a::id.desc()).first(conn)?)
+    // insert_families reads the new id back safely under concurrency
+    // (RETURNING, or LAST_INSERT_ID() on MySQL).
+    Ok(insert_families(conn, &[Family::new("unit", 0)])?[0])
 }
 
 /// The second half: its two children.

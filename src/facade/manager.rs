@@ -90,6 +90,46 @@ impl<C: PoolableConnection> Slot<C> {
             ),
         }
     }
+
+    /// The connection; present whenever the slot is not in a blocking task.
+    pub(crate) fn conn_mut(&mut self) -> &mut C {
+        self.conn
+            .as_mut()
+            .expect("a pooled slot holds its connection")
+    }
+
+    /// Records a successful round trip (lets the next checkout skip its ping).
+    pub(crate) fn mark_used(&mut self) {
+        self.last_used = Instant::now();
+    }
+
+    /// After a failure: rolls back every open level, then checks that the
+    /// server still answers; a connection that does not is closed here, so
+    /// the pool replaces it instead of handing it out again.
+    pub(crate) fn recover(&mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        rollback_all(conn);
+        if let Err(e) = conn.ping() {
+            tracing::warn!("closing a connection that no longer answers: {e}");
+            self.conn = None;
+        }
+    }
+}
+
+/// Rolls back every open level (savepoints left by a panic included).
+/// A failure leaves the transaction manager broken, so the pool drops the
+/// connection and the server rolls back when it closes.
+pub(crate) fn rollback_all<C: PoolableConnection>(conn: &mut C) {
+    while let Ok(Some(_)) =
+        C::TransactionManager::transaction_manager_status_mut(conn).transaction_depth()
+    {
+        if let Err(e) = C::TransactionManager::rollback_transaction(conn) {
+            tracing::warn!("ROLLBACK failed, the connection will be discarded: {e}");
+            break;
+        }
+    }
 }
 
 /// The bb8 manager of a pool of `C`.

@@ -18,14 +18,13 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use diesel::connection::TransactionManager;
 use diesel::result::QueryResult;
 
 use crate::facade::engine::{Engine, Pooled};
 use crate::facade::error::Error;
-use crate::facade::manager::PoolableConnection;
+use crate::facade::manager::{PoolableConnection, Slot, rollback_all};
 
 /// Where a session's transaction stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,10 +158,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
         let (flag, cancelled) = CancelFlag::new();
         let joined = tokio::task::spawn_blocking(move || {
             let slot = &mut *pooled;
-            let conn = slot
-                .conn
-                .as_mut()
-                .expect("a pooled slot holds its connection");
+            let conn = slot.conn_mut();
             let step = if let Err(e) = begin_if(conn, needs_begin) {
                 Step::Begin(e)
             } else {
@@ -172,10 +168,14 @@ impl<C: PoolableConnection> AsyncSession<C> {
                     Err(payload) => Step::Panicked(panic_message(payload.as_ref())),
                 }
             };
-            if !matches!(step, Step::Done(_)) || cancelled.load(Ordering::Acquire) {
-                rollback_all(conn);
+            if !matches!(step, Step::Done(_)) {
+                slot.recover();
+            } else if cancelled.load(Ordering::Acquire) {
+                // Nobody will see the result: the work must not be committed.
+                rollback_all(slot.conn_mut());
+            } else {
+                slot.mark_used();
             }
-            slot.last_used = Instant::now();
             (pooled, step)
         })
         .await;
@@ -213,10 +213,12 @@ impl<C: PoolableConnection> AsyncSession<C> {
             return Ok(());
         }
         let committed = self
-            .blocking(|conn| {
-                let result = C::TransactionManager::commit_transaction(conn);
+            .blocking(|slot| {
+                let result = C::TransactionManager::commit_transaction(slot.conn_mut());
                 if result.is_err() {
-                    rollback_all(conn);
+                    slot.recover();
+                } else {
+                    slot.mark_used();
                 }
                 result
             })
@@ -244,7 +246,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
         if open {
             // If this is cancelled, the connection goes back with the open
             // transaction and the pool refuses it: still rolled back.
-            self.blocking(|conn| rollback_all(conn)).await?;
+            self.blocking(|slot| rollback_all(slot.conn_mut())).await?;
         }
         self.release();
         Ok(())
@@ -313,20 +315,15 @@ impl<C: PoolableConnection> AsyncSession<C> {
         }
     }
 
-    /// Runs `op` with the connection on the blocking pool (one hop).
+    /// Runs `op` with the pooled slot on the blocking pool (one hop).
     async fn blocking<T: Send + 'static>(
         &mut self,
-        op: impl FnOnce(&mut C) -> T + Send + 'static,
+        op: impl FnOnce(&mut Slot<C>) -> T + Send + 'static,
     ) -> Result<T, Error> {
         let mut pooled = self.take_or_checkout().await?;
         let previous = std::mem::replace(&mut self.state, State::InFlight);
         let joined = tokio::task::spawn_blocking(move || {
-            let slot = &mut *pooled;
-            let value = op(slot
-                .conn
-                .as_mut()
-                .expect("a pooled slot holds its connection"));
-            slot.last_used = Instant::now();
+            let value = op(&mut pooled);
             (pooled, value)
         })
         .await;
@@ -386,20 +383,6 @@ fn begin_if<C: PoolableConnection>(conn: &mut C, needed: bool) -> QueryResult<()
         conn.begin_outer_transaction()
     } else {
         Ok(())
-    }
-}
-
-/// Rolls back every open level (savepoints left by a panic included).
-/// A failure leaves the transaction manager broken, so the pool drops the
-/// connection and the server rolls back when it closes.
-fn rollback_all<C: PoolableConnection>(conn: &mut C) {
-    while let Ok(Some(_)) =
-        C::TransactionManager::transaction_manager_status_mut(conn).transaction_depth()
-    {
-        if let Err(e) = C::TransactionManager::rollback_transaction(conn) {
-            tracing::warn!("ROLLBACK failed, the connection will be discarded: {e}");
-            break;
-        }
     }
 }
 

@@ -43,7 +43,7 @@ fn unique_name(test: &str) -> String {
     format!("rs_{clean}_{}_{n}", std::process::id())
 }
 
-fn required() -> bool {
+pub fn required() -> bool {
     std::env::var("RUNSYNC_REQUIRE_ALL_BACKENDS").is_ok_and(|v| v == "1" || v == "true")
         || std::env::var("CI").is_ok_and(|v| v == "true")
 }
@@ -203,23 +203,27 @@ pub fn open_transactions(db: &TestDb) -> i64 {
 /// Units of work ("a parent with its children") that were committed only
 /// in part: parents whose child count is not `children_per_parent`.
 pub fn partial_units(db: &TestDb, children_per_parent: i64) -> i64 {
+    partial_units_on(&mut db.connect(), children_per_parent)
+}
+
+/// [`partial_units`] on any connection to the database.
+pub fn partial_units_on(conn: &mut AnyConnection, children_per_parent: i64) -> i64 {
     use diesel::sql_types::BigInt;
     #[derive(QueryableByName)]
     struct Count {
         #[diesel(sql_type = BigInt)]
         n: i64,
     }
-    let mut conn = db.connect();
+    let int = if conn.backend() == Backend::Mysql {
+        "SIGNED"
+    } else {
+        "BIGINT"
+    };
     diesel::sql_query(format!(
         "SELECT CAST(count(*) AS {int}) AS n FROM a WHERE \
-         (SELECT count(*) FROM b WHERE b.a_id = a.id) <> {children_per_parent}",
-        int = if db.backend == Backend::Mysql {
-            "SIGNED"
-        } else {
-            "BIGINT"
-        },
+         (SELECT count(*) FROM b WHERE b.a_id = a.id) <> {children_per_parent}"
     ))
-    .get_result::<Count>(&mut conn)
+    .get_result::<Count>(conn)
     .expect("count partial units")
     .n
 }
