@@ -410,7 +410,15 @@ fn init_tracing(echo: bool) {
         Err(_) if echo => EnvFilter::new(format!("{SQL_TARGET}=info")),
         Err(_) => EnvFilter::new("off"),
     };
-    let filter = if echo && std::env::var("RUST_LOG").is_ok() {
+    // --echo adds `diesel_runsync::sql=info` unless RUST_LOG already shows
+    // that target (named, or a bare global level of info or more).
+    let shown_already = std::env::var("RUST_LOG").is_ok_and(|spec| {
+        spec.contains(SQL_TARGET)
+            || spec
+                .split(',')
+                .any(|d| matches!(d.trim(), "info" | "debug" | "trace"))
+    });
+    let filter = if echo && std::env::var("RUST_LOG").is_ok() && !shown_already {
         filter.add_directive(
             format!("{SQL_TARGET}=info")
                 .parse()

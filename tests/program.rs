@@ -6,6 +6,7 @@ mod common;
 use std::process::{Command, Output};
 
 use common::TestDb;
+use diesel::prelude::*;
 use diesel_runsync::Backend;
 use diesel_runsync::demo::queries::all_rows;
 
@@ -216,4 +217,135 @@ fn wrong_credentials_are_reported_without_the_password() {
             text(&out.stderr)
         );
     }
+}
+
+/// Makes a directory unwritable even for root (`chattr +i`), or by mode
+/// bits for other users; undone on drop.
+struct ReadOnlyDir(std::path::PathBuf, bool);
+
+impl ReadOnlyDir {
+    fn new(path: &std::path::Path) -> ReadOnlyDir {
+        let immutable = Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !immutable {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o555)).unwrap();
+        }
+        ReadOnlyDir(path.to_owned(), immutable)
+    }
+}
+
+impl Drop for ReadOnlyDir {
+    fn drop(&mut self) {
+        if self.1 {
+            let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+        } else {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(0o755));
+        }
+    }
+}
+
+#[test]
+fn a_read_only_sqlite_directory_is_named_and_left_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let locked = dir.path().join("locked");
+    std::fs::create_dir(&locked).unwrap();
+    let guard = ReadOnlyDir::new(&locked);
+    let out = run_program(&locked.join("app.db").display().to_string(), &[]);
+    assert_clean_failure(&out, "is it writable?", "\u{0}");
+    assert_eq!(
+        std::fs::read_dir(&locked).unwrap().count(),
+        0,
+        "nothing written"
+    );
+    drop(guard);
+}
+
+#[test]
+fn a_conflicting_table_fails_the_program_and_is_left_alone() {
+    for db in TestDb::all("conflicting_table") {
+        let mut conn = db.connect();
+        diesel::sql_query("CREATE TABLE a (something_else INTEGER)")
+            .execute(&mut conn)
+            .unwrap();
+        diesel::sql_query("INSERT INTO a (something_else) VALUES (7)")
+            .execute(&mut conn)
+            .unwrap();
+        let out = run_program(&db.url, &[]);
+        assert_clean_failure(&out, "already exists", "\u{0}");
+        #[derive(diesel::QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = diesel::sql_types::Integer)]
+            something_else: i32,
+        }
+        let rows: Vec<Row> = diesel::sql_query("SELECT something_else FROM a")
+            .load(&mut conn)
+            .unwrap();
+        assert_eq!(rows.len(), 1, "{}", db.backend);
+        assert_eq!(rows[0].something_else, 7);
+        assert!(
+            diesel::sql_query("SELECT * FROM b")
+                .execute(&mut conn)
+                .is_err(),
+            "{}: b was not created",
+            db.backend
+        );
+    }
+}
+
+#[test]
+fn the_password_never_appears_in_echo_logs_or_debug_output() {
+    let Some(db) = TestDb::server(Backend::Postgres, "password_hidden") else {
+        return;
+    };
+    // The server here trusts local connections, so any password is accepted.
+    let secret = "T0pSecretPw";
+    let url = db
+        .url
+        .replacen("://postgres@", &format!("://postgres:{secret}@"), 1);
+    assert!(
+        url.contains(secret),
+        "the test URL carries a password: {url}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_diesel-runsync"))
+        .arg("--echo")
+        .current_dir(dir.path())
+        .env("DATABASE_URL", &url)
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        all.contains("connected to postgres://postgres:***@"),
+        "{all}"
+    );
+    assert!(!all.contains(secret), "password leaked into the output");
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let engine = diesel_runsync::Engine::<diesel_runsync::demo::AnyConnection>::connect(
+            &url,
+            diesel_runsync::EngineOptions::default(),
+        )
+        .await
+        .unwrap();
+        let session = engine.session();
+        for shown in [
+            format!("{engine:?}"),
+            format!("{session:?}"),
+            engine.url().to_string(),
+            format!("{:?}", engine.url()),
+        ] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+    });
 }

@@ -175,7 +175,11 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
         .map_err(|_| Error::RuntimeShutdown)?;
         match opened {
             Ok(conn) => {
-                tracing::debug!(target: crate::SQL_TARGET, "connected to {}", self.url);
+                if self.echo {
+                    tracing::info!(target: crate::SQL_TARGET, "connected to {}", self.url);
+                } else {
+                    tracing::debug!(target: crate::SQL_TARGET, "connected to {}", self.url);
+                }
                 Ok(Slot {
                     conn: Some(conn),
                     last_used: Instant::now(),
