@@ -1,0 +1,253 @@
+//! The `facade` and `sync` implementations of W(N): the project's sync core
+//! (`diesel_runsync::demo::queries`, `demo::migrations`) unchanged, once
+//! through `AsyncSession::run_sync` and once on a raw connection on this
+//! thread. Only `diesel::RunQueryDsl` is in scope here.
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use diesel::connection::TransactionManager;
+use diesel::prelude::*;
+use diesel_runsync::demo::migrations::{create_all, drop_all};
+use diesel_runsync::demo::models::{A, Family};
+use diesel_runsync::demo::program::reset_schema;
+use diesel_runsync::demo::queries::{Counts, insert_families, run_queries, run_queries_eager};
+use diesel_runsync::demo::schema::a;
+use diesel_runsync::demo::{AnyConnection, DemoError};
+use diesel_runsync::facade::SqlEcho;
+use diesel_runsync::{DatabaseUrl, Engine, EngineOptions, PoolableConnection};
+
+use crate::count::Counter;
+use crate::{Phase, PhaseTimer, expected_children};
+
+/// Checks what `run_queries`/`run_queries_eager` counted.
+fn check_counts(counts: Counts, n: usize) -> Result<Counts, DemoError> {
+    if counts.parents != n || counts.children != expected_children(n) {
+        return Err(DemoError::Check(format!(
+            "counted {counts:?}, expected {n} parents and {} children",
+            expected_children(n)
+        )));
+    }
+    Ok(counts)
+}
+
+/// The `verify` phase's checks, as sync Diesel code.
+pub fn verify(conn: &mut AnyConnection, n: usize) -> Result<(), DemoError> {
+    let (parents, children) = diesel_runsync::demo::queries::count_rows(conn)?;
+    let new_data: Vec<i32> = a::table
+        .filter(a::data.eq("new data"))
+        .select(a::id)
+        .load(conn)?;
+    let min_id: Option<i32> = a::table.select(diesel::dsl::min(a::id)).get_result(conn)?;
+    check_verified(n, parents, children, &new_data, min_id).map_err(DemoError::Check)
+}
+
+/// The `verify` phase's checks on values read by any implementation.
+pub fn check_verified(
+    n: usize,
+    parents: i64,
+    children: i64,
+    new_data: &[i32],
+    min_id: Option<i32>,
+) -> Result<(), String> {
+    if parents != n as i64 || children != expected_children(n) as i64 {
+        return Err(format!(
+            "verify: {parents} parents and {children} children, expected {n} and {}",
+            expected_children(n)
+        ));
+    }
+    if new_data.len() != 1 || Some(new_data[0]) != min_id {
+        return Err(format!(
+            "verify: rows with 'new data': {new_data:?}, smallest id {min_id:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// The facade: `Engine` + `AsyncSession::run_sync`, each phase in a fresh
+/// session, as `demo::program` does it.
+pub async fn facade(
+    url: &str,
+    n: usize,
+    families: Arc<Vec<Family>>,
+    counter: &Counter,
+    pool_size: u32,
+) -> anyhow::Result<Vec<Phase>> {
+    let mut timer = PhaseTimer::new(counter.clone());
+    let options = EngineOptions {
+        max_size: pool_size,
+        ..EngineOptions::default()
+    };
+    timer.start();
+    let engine = Engine::<AnyConnection>::connect(url, options)
+        .await
+        .context("facade: connect")?;
+    timer.stop_uncounted("connect");
+
+    // Untimed: count on the pool's one connection, keeping its SqlEcho. The
+    // phases run one session after another, so they all get this connection
+    // (checked below).
+    let instrumentation = counter.instrumentation(Some(SqlEcho::new(false)));
+    let mut session = engine.session();
+    session
+        .run_sync(move |conn| {
+            conn.set_instrumentation(instrumentation);
+            Ok::<_, DemoError>(())
+        })
+        .await?;
+    session.rollback().await?;
+
+    timer.start();
+    reset_schema(&engine).await.context("facade: schema")?;
+    timer.stop("schema");
+
+    timer.start();
+    let mut session = engine.session();
+    session
+        .transaction(async |s| {
+            s.run_sync(move |conn| insert_families(conn, &families))
+                .await
+        })
+        .await
+        .context("facade: insert")?;
+    timer.stop("insert");
+
+    timer.start();
+    let mut session = engine.session();
+    session
+        .run_sync(move |conn| check_counts(run_queries(conn, &mut std::io::sink())?, n))
+        .await
+        .context("facade: run_sync_lazy")?;
+    session.commit().await?;
+    timer.stop("run_sync_lazy");
+
+    timer.start();
+    let mut session = engine.session();
+    session
+        .run_sync(move |conn| check_counts(run_queries_eager(conn, &mut std::io::sink())?, n))
+        .await
+        .context("facade: run_sync_eager")?;
+    session.commit().await?;
+    timer.stop("run_sync_eager");
+
+    timer.start();
+    let mut session = engine.session();
+    session
+        .run_sync(move |conn| verify(conn, n))
+        .await
+        .context("facade: verify")?;
+    session.commit().await?;
+    timer.stop("verify");
+
+    let status = engine.status();
+    if status.connections != 1 {
+        bail!(
+            "facade: the pool opened {} connections; counts would miss some",
+            status.connections
+        );
+    }
+    Ok(timer.finish())
+}
+
+fn commit(conn: &mut AnyConnection) -> QueryResult<()> {
+    <AnyConnection as Connection>::TransactionManager::commit_transaction(conn)
+}
+
+/// Runs `body` between BEGIN (IMMEDIATE on SQLite, as the facade) and COMMIT.
+fn in_transaction<R>(
+    conn: &mut AnyConnection,
+    body: impl FnOnce(&mut AnyConnection) -> Result<R, DemoError>,
+) -> Result<R, DemoError> {
+    conn.begin_outer_transaction()?;
+    match body(conn) {
+        Ok(value) => {
+            commit(conn)?;
+            Ok(value)
+        }
+        Err(e) => {
+            let _ = <AnyConnection as Connection>::TransactionManager::rollback_transaction(conn);
+            Err(e)
+        }
+    }
+}
+
+/// The floor: the same functions on a raw connection, on this thread, no
+/// tokio, no pool, with the same transactions as the facade.
+pub fn sync(
+    url: &str,
+    n: usize,
+    families: &[Family],
+    counter: &Counter,
+) -> anyhow::Result<Vec<Phase>> {
+    let mut timer = PhaseTimer::new(counter.clone());
+    let url = DatabaseUrl::parse(url)?;
+    timer.start();
+    let mut conn = <AnyConnection as PoolableConnection>::connect(&url).context("sync: connect")?;
+    timer.stop_uncounted("connect");
+    conn.set_instrumentation(counter.instrumentation(None));
+
+    timer.start();
+    in_transaction(&mut conn, |c| {
+        drop_all(c)?;
+        create_all(c)
+    })
+    .context("sync: schema")?;
+    timer.stop("schema");
+
+    timer.start();
+    in_transaction(&mut conn, |c| insert_families(c, families)).context("sync: insert")?;
+    timer.stop("insert");
+
+    timer.start();
+    in_transaction(&mut conn, |c| {
+        check_counts(run_queries(c, &mut std::io::sink())?, n)
+    })
+    .context("sync: run_sync_lazy")?;
+    timer.stop("run_sync_lazy");
+
+    timer.start();
+    in_transaction(&mut conn, |c| {
+        check_counts(run_queries_eager(c, &mut std::io::sink())?, n)
+    })
+    .context("sync: run_sync_eager")?;
+    timer.stop("run_sync_eager");
+
+    timer.start();
+    in_transaction(&mut conn, |c| verify(c, n)).context("sync: verify")?;
+    timer.stop("verify");
+    Ok(timer.finish())
+}
+
+/// Untimed setup for the micro and concurrency figures: a fresh schema with
+/// `n` workload parents (ids 1..=n) and their children.
+pub fn prepare_rows(url: &str, n: usize) -> anyhow::Result<()> {
+    let mut conn = <AnyConnection as PoolableConnection>::connect(&DatabaseUrl::parse(url)?)?;
+    let families = diesel_runsync::demo::queries::workload_families(n);
+    in_transaction(&mut conn, |c| {
+        drop_all(c)?;
+        create_all(c)
+    })?;
+    let ids = in_transaction(&mut conn, |c| insert_families(c, &families))?;
+    if ids.first() != Some(&1) || ids.last() != Some(&(n as i32)) {
+        bail!(
+            "expected parent ids 1..={n}, got {:?}..{:?}",
+            ids.first(),
+            ids.last()
+        );
+    }
+    Ok(())
+}
+
+/// One primary-key SELECT of `a`.
+pub fn select_by_key(conn: &mut AnyConnection, id: i32) -> QueryResult<A> {
+    a::table.find(id).select(A::as_select()).first(conn)
+}
+
+/// The concurrency transaction's body: SELECT a row by key, then UPDATE it.
+pub fn select_update(conn: &mut AnyConnection, id: i32) -> QueryResult<()> {
+    let row = select_by_key(conn, id)?;
+    diesel::update(a::table.find(row.id))
+        .set(a::data.eq("c"))
+        .execute(conn)?;
+    Ok(())
+}
