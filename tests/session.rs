@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{TestDb, migrate, open_transactions, partial_units, settle};
@@ -340,4 +342,78 @@ async fn random_cancellation_never_commits_half_a_unit() {
         assert!(committed_parents(&db).await >= completed);
         assert!(engine.status().connections <= 4);
     }
+}
+
+#[tokio::test]
+async fn engine_run_sync_commits_in_one_call_and_rolls_back_on_error_or_panic() {
+    for db in TestDb::all("engine_run_sync") {
+        let engine = db.engine().await;
+        migrate(&engine).await;
+        engine
+            .run_sync(|c| {
+                let id = insert_parent(c)?;
+                insert_children(c, id)
+            })
+            .await
+            .unwrap();
+        assert_eq!(committed_parents(&db).await, 1, "{}", db.backend);
+
+        let failed = engine
+            .run_sync(|c| -> Result<(), DemoError> {
+                insert_parent(c)?;
+                Err(DemoError::Check("no children after all".into()))
+            })
+            .await;
+        assert!(matches!(failed, Err(DemoError::Check(_))), "{failed:?}");
+        let panicked = engine
+            .run_sync(|c| -> Result<(), DemoError> {
+                insert_parent(c)?;
+                panic!("half way")
+            })
+            .await;
+        assert!(matches!(panicked, Err(DemoError::Session(Error::Panic(_)))));
+        settle(&engine).await;
+        assert_eq!(committed_parents(&db).await, 1, "{}", db.backend);
+        assert_eq!(partial_units(&db, 2), 0);
+        assert_eq!(open_transactions(&db), 0);
+    }
+}
+
+/// A task that returns its connection and asks again at once must not jump
+/// ahead of a task already waiting (bb8 alone lets it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkouts_are_served_first_come_first_served() {
+    let db = TestDb::sqlite("fair_checkout");
+    let engine = db
+        .engine_with(EngineOptions {
+            max_size: 1,
+            ..EngineOptions::default()
+        })
+        .await;
+    migrate(&engine).await;
+    let greedy_rounds = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let greedy = {
+        let (engine, rounds) = (engine.clone(), greedy_rounds.clone());
+        tokio::spawn(async move {
+            for _ in 0..200 {
+                engine
+                    .run_sync(|c| {
+                        std::thread::sleep(Duration::from_millis(1));
+                        count_parents(c)
+                    })
+                    .await
+                    .unwrap();
+                rounds.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let before = greedy_rounds.load(Ordering::SeqCst);
+    engine.run_sync(count_parents).await.unwrap();
+    let waited_for = greedy_rounds.load(Ordering::SeqCst) - before;
+    greedy.await.unwrap();
+    assert!(
+        waited_for <= 3,
+        "the waiting task let {waited_for} later checkouts pass it"
+    );
 }

@@ -1,17 +1,41 @@
 //! The engine: a URL, options and a bb8 pool of synchronous connections.
 
 use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::facade::error::Error;
-use crate::facade::manager::{ConnectErrorSink, LastConnectError, Manager, PoolableConnection};
+use crate::facade::manager::{
+    ConnectErrorSink, LastConnectError, Manager, PoolableConnection, Slot,
+};
 use crate::facade::session::AsyncSession;
 use crate::facade::url::DatabaseUrl;
 
-/// A pooled connection checked out of an engine.
-pub(crate) type Pooled<C> = bb8::PooledConnection<'static, Manager<C>>;
+/// A pooled connection checked out of an engine, with its turn at the gate.
+///
+/// Fields drop in order: the connection goes back to the pool first, then
+/// the permit lets the next waiting checkout in, which finds it idle.
+pub(crate) struct Pooled<C: PoolableConnection> {
+    inner: bb8::PooledConnection<'static, Manager<C>>,
+    _turn: OwnedSemaphorePermit,
+}
+
+impl<C: PoolableConnection> Deref for Pooled<C> {
+    type Target = Slot<C>;
+
+    fn deref(&self) -> &Slot<C> {
+        &self.inner
+    }
+}
+
+impl<C: PoolableConnection> DerefMut for Pooled<C> {
+    fn deref_mut(&mut self) -> &mut Slot<C> {
+        &mut self.inner
+    }
+}
 
 /// How an [`Engine`] pools and reports.
 #[derive(Debug, Clone)]
@@ -61,6 +85,10 @@ pub struct Engine<C: PoolableConnection> {
     url: DatabaseUrl,
     connection_timeout: Duration,
     connect_errors: watch::Sender<LastConnectError>,
+    /// One permit per pooled connection, handed out first come, first
+    /// served: bb8 alone lets a task that just returned a connection take it
+    /// again ahead of tasks already waiting, starving them under load.
+    gate: Arc<Semaphore>,
 }
 
 impl<C: PoolableConnection> Clone for Engine<C> {
@@ -70,6 +98,7 @@ impl<C: PoolableConnection> Clone for Engine<C> {
             url: self.url.clone(),
             connection_timeout: self.connection_timeout,
             connect_errors: self.connect_errors.clone(),
+            gate: self.gate.clone(),
         }
     }
 }
@@ -104,8 +133,9 @@ impl<C: PoolableConnection> Engine<C> {
             ping_after: options.ping_after,
             _conn: PhantomData,
         };
+        let max_size = options.max_size.max(1);
         let pool = bb8::Pool::builder()
-            .max_size(options.max_size.max(1))
+            .max_size(max_size)
             .connection_timeout(options.connection_timeout)
             .idle_timeout(options.idle_timeout)
             .max_lifetime(options.max_lifetime)
@@ -117,6 +147,7 @@ impl<C: PoolableConnection> Engine<C> {
             url,
             connection_timeout: options.connection_timeout,
             connect_errors,
+            gate: Arc::new(Semaphore::new(max_size as usize)),
         };
         drop(engine.checkout().await?);
         Ok(engine)
@@ -142,6 +173,18 @@ impl<C: PoolableConnection> Engine<C> {
         Ok(session)
     }
 
+    /// Runs `f` in a transaction of its own and commits it, in one blocking
+    /// hop: `BEGIN`, `f`, `COMMIT` (see [`AsyncSession::run_sync_and_commit`]).
+    /// An error or panic in `f` rolls it back and is returned.
+    pub async fn run_sync<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<Error> + Send + 'static,
+    {
+        self.session().run_sync_and_commit(f).await
+    }
+
     /// Connection counts of the pool.
     pub fn status(&self) -> PoolStatus {
         let state = self.pool.state();
@@ -151,25 +194,40 @@ impl<C: PoolableConnection> Engine<C> {
         }
     }
 
-    /// Checks a connection out, failing at once if opening one fails.
+    /// Checks a connection out: waits its turn (first come, first served),
+    /// then takes an idle connection or opens one, failing at once if
+    /// opening one fails, and with [`Error::PoolTimeout`] after the
+    /// connection timeout in all.
     pub(crate) async fn checkout(&self) -> Result<Pooled<C>, Error> {
-        let mut failures = self.connect_errors.subscribe();
-        tokio::select! {
-            biased;
-            got = self.pool.get_owned() => got.map_err(|e| match e {
-                bb8::RunError::User(e) => e,
-                bb8::RunError::TimedOut => Error::PoolTimeout(self.connection_timeout),
-            }),
-            Ok(()) = failures.changed() => {
-                let last = failures.borrow_and_update().clone();
-                Err(match last {
-                    Some(failure) => Error::Connect {
-                        url: failure.0.clone(),
-                        message: failure.1.clone(),
-                    },
-                    None => Error::ConnectionLost,
-                })
-            }
-        }
+        let timeout = self.connection_timeout;
+        tokio::time::timeout(timeout, async {
+            let turn = self
+                .gate
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::ConnectionLost)?;
+            let mut failures = self.connect_errors.subscribe();
+            let inner = tokio::select! {
+                biased;
+                got = self.pool.get_owned() => got.map_err(|e| match e {
+                    bb8::RunError::User(e) => e,
+                    bb8::RunError::TimedOut => Error::PoolTimeout(timeout),
+                })?,
+                Ok(()) = failures.changed() => {
+                    let last = failures.borrow_and_update().clone();
+                    return Err(match last {
+                        Some(failure) => Error::Connect {
+                            url: failure.0.clone(),
+                            message: failure.1.clone(),
+                        },
+                        None => Error::ConnectionLost,
+                    });
+                }
+            };
+            Ok(Pooled { inner, _turn: turn })
+        })
+        .await
+        .unwrap_or(Err(Error::PoolTimeout(timeout)))
     }
 }

@@ -55,8 +55,8 @@ pub struct Retried<R> {
 }
 
 impl<C: PoolableConnection> Engine<C> {
-    /// Runs `f` in a transaction of its own (a fresh session: `run_sync`,
-    /// then commit), and runs the whole transaction again, after a jittered
+    /// Runs `f` in a transaction of its own ([`Engine::run_sync`]: `BEGIN`,
+    /// `f`, `COMMIT` in one hop), and runs the whole transaction again, after a jittered
     /// backoff, when it fails with a retryable error
     /// ([`Error::is_retryable`]: serialization failure, deadlock, lock
     /// timeout, SQLite busy), up to `policy.max_attempts` attempts.
@@ -77,18 +77,10 @@ impl<C: PoolableConnection> Engine<C> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let mut session = self.session();
             let attempt_f = f.clone();
-            let outcome = async {
-                let value = session.run_sync(move |conn| attempt_f(conn)).await?;
-                session.commit().await?;
-                Ok::<_, Error>(value)
-            }
-            .await;
-            match outcome {
+            match self.run_sync(move |conn| attempt_f(conn)).await {
                 Ok(value) => return Ok(Retried { value, attempts }),
                 Err(e) if e.is_retryable() && attempts < policy.max_attempts.max(1) => {
-                    drop(session);
                     tracing::debug!("attempt {attempts} failed, retrying: {e}");
                     tokio::time::sleep(policy.backoff(attempts)).await;
                 }

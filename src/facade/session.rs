@@ -70,6 +70,7 @@ impl<C: PoolableConnection> std::fmt::Debug for AsyncSession<C> {
 enum Step<R, E> {
     Done(R),
     Begin(diesel::result::Error),
+    Commit(diesel::result::Error),
     Failed(E),
     Panicked(String),
 }
@@ -151,6 +152,28 @@ impl<C: PoolableConnection> AsyncSession<C> {
         R: Send + 'static,
         E: From<Error> + Send + 'static,
     {
+        self.run_sync_then(f, false).await
+    }
+
+    /// [`run_sync`](Self::run_sync), then [`commit`](Self::commit), in one
+    /// blocking hop (`BEGIN` if needed, `f`, `COMMIT`): the cheapest way to
+    /// run a short transaction. If this future is dropped before the
+    /// `COMMIT` is sent, the transaction is rolled back instead.
+    pub async fn run_sync_and_commit<R, E, F>(&mut self, f: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<Error> + Send + 'static,
+    {
+        self.run_sync_then(f, true).await
+    }
+
+    async fn run_sync_then<R, E, F>(&mut self, f: F, commit: bool) -> Result<R, E>
+    where
+        F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<Error> + Send + 'static,
+    {
         self.check_usable()?;
         let mut pooled = self.take_or_checkout().await?;
         let needs_begin = self.state != State::Open;
@@ -159,7 +182,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
         let joined = tokio::task::spawn_blocking(move || {
             let slot = &mut *pooled;
             let conn = slot.conn_mut();
-            let step = if let Err(e) = begin_if(conn, needs_begin) {
+            let mut step = if let Err(e) = begin_if(conn, needs_begin) {
                 Step::Begin(e)
             } else {
                 match catch_unwind(AssertUnwindSafe(|| f(conn))) {
@@ -168,13 +191,18 @@ impl<C: PoolableConnection> AsyncSession<C> {
                     Err(payload) => Step::Panicked(panic_message(payload.as_ref())),
                 }
             };
-            if !matches!(step, Step::Done(_)) {
-                slot.recover();
-            } else if cancelled.load(Ordering::Acquire) {
+            if matches!(step, Step::Done(_)) && cancelled.load(Ordering::Acquire) {
                 // Nobody will see the result: the work must not be committed.
                 rollback_all(slot.conn_mut());
-            } else {
+            } else if matches!(step, Step::Done(_)) && commit {
+                if let Err(e) = C::TransactionManager::commit_transaction(slot.conn_mut()) {
+                    step = Step::Commit(e);
+                }
+            }
+            if matches!(step, Step::Done(_)) {
                 slot.mark_used();
+            } else {
+                slot.recover();
             }
             (pooled, step)
         })
@@ -182,6 +210,11 @@ impl<C: PoolableConnection> AsyncSession<C> {
         flag.disarm();
         let (pooled, step) = joined.map_err(|e| self.lost(e))?;
         match step {
+            Step::Done(value) if commit => {
+                drop(pooled);
+                self.state = State::Idle;
+                Ok(value)
+            }
             Step::Done(value) => {
                 self.conn = Some(pooled);
                 self.state = State::Open;
@@ -190,6 +223,10 @@ impl<C: PoolableConnection> AsyncSession<C> {
             Step::Begin(e) => {
                 // BEGIN is the first statement of a transaction: no work is lost.
                 self.state = State::Idle;
+                Err(Error::Database(e).into())
+            }
+            Step::Commit(e) => {
+                self.state = State::Failed(format!("COMMIT failed: {e}"));
                 Err(Error::Database(e).into())
             }
             Step::Failed(e) => {
@@ -370,7 +407,8 @@ impl<C: PoolableConnection> Drop for AsyncSession<C> {
 }
 
 fn has_open_transaction<C: PoolableConnection>(pooled: &mut Pooled<C>) -> bool {
-    pooled.conn.as_mut().is_none_or(|conn| {
+    let slot: &mut Slot<C> = pooled;
+    slot.conn.as_mut().is_none_or(|conn| {
         !matches!(
             C::TransactionManager::transaction_manager_status_mut(conn).transaction_depth(),
             Ok(None)
