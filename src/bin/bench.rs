@@ -608,6 +608,22 @@ fn micro(
         "facade",
         &m.session_begin_commit,
     )?;
+    micro_line(
+        out,
+        report,
+        backend,
+        "engine_run_sync",
+        "facade",
+        &m.engine_run_sync,
+    )?;
+    micro_line(
+        out,
+        report,
+        backend,
+        "engine_run_sync_pinged",
+        "facade",
+        &m.engine_run_sync_pinged,
+    )?;
     micro_line(out, report, backend, "pk_select", "facade", &m.pk_facade)?;
     micro_line(out, report, backend, "pk_select", "sync", &m.pk_sync)?;
     micro_line(
@@ -665,6 +681,22 @@ fn concurrency(
             "concurrency {:<8} C={clients:<3} facade (pool {})  {tps:>9.1} tx/s  p50 {p50:>9.1} us  p99 {p99:>9.1} us  mean {mean:>9.1} us  max {max:>10.1} us",
             backend.name(),
             cli.pool_size
+        ));
+        let floor = figures::sync_threads_load(url, cli.rows, clients, duration)?;
+        let floor_us = micros(&floor.latencies);
+        let floor_tps = floor.transactions as f64 / floor.elapsed.as_secs_f64();
+        let (f50, f99) = (median(&floor_us), percentile(&floor_us, 99.0));
+        writeln!(
+            out,
+            "{{\"summary\": \"concurrency\", \"backend\": \"{}\", \"impl\": \"sync-threads\", \"clients\": {clients}, \"pool\": {clients}, \"seconds\": {:.3}, \"transactions\": {}, \"tps\": {floor_tps:.1}, \"p50_us\": {f50:.1}, \"p99_us\": {f99:.1}}}",
+            backend.name(),
+            floor.elapsed.as_secs_f64(),
+            floor.transactions
+        )?;
+        report.lines.push(format!(
+            "concurrency {:<8} C={clients:<3} sync-threads ({clients} conns) {floor_tps:>9.1} tx/s  p50 {f50:>9.1} us  p99 {f99:>9.1} us   facade/sync-threads = {:.3}",
+            backend.name(),
+            tps / floor_tps
         ));
         if backend == Backend::Postgres && !cli.pgbench.is_empty() {
             let pg = figures::pgbench(&cli.pgbench, url, cli.rows, clients, duration)?;

@@ -22,6 +22,11 @@ pub struct Micro {
     pub empty_run_sync: Vec<Duration>,
     /// A fresh session: checkout, `run_sync(|_| Ok(()))` (BEGIN), commit.
     pub session_begin_commit: Vec<Duration>,
+    /// `engine.run_sync(|_| Ok(()))`: checkout, BEGIN and COMMIT in one hop.
+    pub engine_run_sync: Vec<Duration>,
+    /// The same on an engine that pings (`SELECT 1`) every checkout
+    /// (`ping_after: 0`): the cost of the health check.
+    pub engine_run_sync_pinged: Vec<Duration>,
     /// One PK SELECT through `run_sync` in an open transaction.
     pub pk_facade: Vec<Duration>,
     /// One PK SELECT on the raw sync connection in an open transaction.
@@ -45,6 +50,14 @@ pub async fn micro(
 ) -> anyhow::Result<Micro> {
     const ROUNDS: usize = 20;
     let engine = Engine::<AnyConnection>::connect(url, EngineOptions::default()).await?;
+    let pinged = Engine::<AnyConnection>::connect(
+        url,
+        EngineOptions {
+            ping_after: Duration::ZERO,
+            ..EngineOptions::default()
+        },
+    )
+    .await?;
     let mut session = engine.session();
     let mut raw = <AnyConnection as PoolableConnection>::connect(&DatabaseUrl::parse(url)?)?;
     // A deferred BEGIN on every backend: on SQLite, BEGIN IMMEDIATE here
@@ -138,6 +151,18 @@ pub async fn micro(
             scratch.push(t.elapsed());
         }
         record(&mut m.session_begin_commit, &mut scratch);
+
+        for (target, engine) in [
+            (&mut m.engine_run_sync, &engine),
+            (&mut m.engine_run_sync_pinged, &pinged),
+        ] {
+            for _ in 0..chunk {
+                let t = Instant::now();
+                engine.run_sync(|_conn| Ok::<_, Error>(())).await?;
+                scratch.push(t.elapsed());
+            }
+            record(target, &mut scratch);
+        }
     }
     Ok(m)
 }
@@ -153,7 +178,8 @@ pub struct Load {
 }
 
 /// `clients` tasks, each running `SELECT a by key; UPDATE it` transactions
-/// through fresh sessions on one engine (pool of `pool_size`) for `duration`.
+/// through `Engine::run_sync` (one hop each) on one engine (pool of
+/// `pool_size`) for `duration`.
 pub async fn facade_load(
     url: &str,
     rows: usize,
@@ -198,11 +224,10 @@ pub async fn facade_load(
             while Instant::now() < deadline {
                 let id = rng.key(rows);
                 let t = Instant::now();
-                let mut session = engine.session();
-                session
+                // One hop: BEGIN, SELECT, UPDATE, COMMIT.
+                engine
                     .run_sync(move |conn| select_update(conn, id).map_err(DemoError::from))
                     .await?;
-                session.commit().await?;
                 latencies.push(t.elapsed());
             }
             Ok::<_, DemoError>(latencies)
@@ -240,6 +265,59 @@ COMMIT;
 ";
 
 /// Runs pgbench with `clients` connections for `duration` and reads its log.
+/// The floor of any thread-per-connection design: `clients` OS threads,
+/// each with its own raw connection (opened before the clock starts), running
+/// the same transactions (BEGIN, SELECT, UPDATE, COMMIT) for `duration`; no
+/// tokio, no pool.
+pub fn sync_threads_load(
+    url: &str,
+    rows: usize,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<Load> {
+    let url = DatabaseUrl::parse(url)?;
+    let mut conns = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        conns.push(<AnyConnection as PoolableConnection>::connect(&url)?);
+    }
+    let started = Instant::now();
+    let deadline = started + duration;
+    let threads: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(client, mut conn)| {
+            std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
+                let mut rng = Rng::new(client as u64 + 1);
+                let mut latencies = Vec::new();
+                while Instant::now() < deadline {
+                    let id = rng.key(rows);
+                    let t = Instant::now();
+                    conn.begin_outer_transaction()?;
+                    select_update(&mut conn, id)?;
+                    <AnyConnection as diesel::Connection>::TransactionManager::commit_transaction(
+                        &mut conn,
+                    )?;
+                    latencies.push(t.elapsed());
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for thread in threads {
+        latencies.extend(
+            thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("a load thread panicked"))??,
+        );
+    }
+    Ok(Load {
+        transactions: latencies.len(),
+        elapsed: started.elapsed(),
+        latencies,
+    })
+}
+
 pub fn pgbench(
     pgbench: &str,
     url: &str,
