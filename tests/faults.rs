@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{TestDb, migrate, open_transactions, partial_units, settle};
+use common::{
+    TestDb, insert_children, insert_parent, migrate, open_transactions, partial_units, settle,
+};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Integer};
-use diesel_runsync::demo::queries::insert_families;
-use diesel_runsync::demo::schema::{a, b};
-use diesel_runsync::demo::{AnyConnection, DemoError, Family, NewA, NewB};
+use diesel_runsync::demo::schema::a;
+use diesel_runsync::demo::{AnyConnection, DemoError, NewA};
 use diesel_runsync::{Backend, EngineOptions, Error, RetryPolicy};
 
 fn rounds(default: usize) -> usize {
@@ -29,21 +30,6 @@ fn rounds(default: usize) -> usize {
 
 fn figure(line: String) {
     let _ = writeln!(std::io::stderr(), "FIGURE {line}");
-}
-
-fn insert_parent(conn: &mut AnyConnection) -> Result<i32, DemoError> {
-    // insert_families reads the new id back safely under concurrency
-    // (RETURNING, or LAST_INSERT_ID() on MySQL).
-    Ok(insert_families(conn, &[Family::new("unit", 0)])?[0])
-}
-
-fn insert_children(conn: &mut AnyConnection, a_id: i32) -> Result<(), DemoError> {
-    for _ in 0..2 {
-        diesel::insert_into(b::table)
-            .values(NewB { a_id, data: None })
-            .execute(conn)?;
-    }
-    Ok(())
 }
 
 /// A xorshift step: pseudo-random numbers without a dependency.

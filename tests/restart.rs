@@ -16,11 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{partial_units_on, required};
+use common::{insert_children, insert_parent, partial_units_on, required};
 use diesel::prelude::*;
-use diesel_runsync::demo::queries::insert_families;
-use diesel_runsync::demo::schema::b;
-use diesel_runsync::demo::{AnyConnection, DemoError, Family, NewB};
+use diesel_runsync::demo::{AnyConnection, DemoError};
 use diesel_runsync::{AsyncSession, DatabaseUrl, Engine, EngineOptions, PoolableConnection};
 
 const RESTARTS: usize = 3;
@@ -238,21 +236,6 @@ impl Drop for Throwaway {
             self.stop();
         }
     }
-}
-
-fn insert_parent(conn: &mut AnyConnection) -> Result<i32, DemoError> {
-    // insert_families reads the new id back safely under concurrency
-    // (RETURNING, or LAST_INSERT_ID() on MySQL).
-    Ok(insert_families(conn, &[Family::new("unit", 0)])?[0])
-}
-
-fn insert_children(conn: &mut AnyConnection, a_id: i32) -> Result<(), DemoError> {
-    for _ in 0..2 {
-        diesel::insert_into(b::table)
-            .values(NewB { a_id, data: None })
-            .execute(conn)?;
-    }
-    Ok(())
 }
 
 async fn unit(engine: &Engine<AnyConnection>) -> Result<(), DemoError> {

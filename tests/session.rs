@@ -9,29 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{TestDb, migrate, open_transactions, partial_units, settle};
+use common::{
+    TestDb, insert_children, insert_parent, migrate, open_transactions, partial_units, settle,
+};
 use diesel::prelude::*;
-use diesel_runsync::demo::queries::insert_families;
-use diesel_runsync::demo::schema::{a, b};
-use diesel_runsync::demo::{AnyConnection, DemoError, Family, NewB};
+use diesel_runsync::demo::schema::a;
+use diesel_runsync::demo::{AnyConnection, DemoError};
 use diesel_runsync::{AsyncSession, EngineOptions, Error};
-
-/// The first half of a unit: one parent, returning its id.
-fn insert_parent(conn: &mut AnyConnection) -> Result<i32, DemoError> {
-    // insert_families reads the new id back safely under concurrency
-    // (RETURNING, or LAST_INSERT_ID() on MySQL).
-    Ok(insert_families(conn, &[Family::new("unit", 0)])?[0])
-}
-
-/// The second half: its two children.
-fn insert_children(conn: &mut AnyConnection, a_id: i32) -> Result<(), DemoError> {
-    for _ in 0..2 {
-        diesel::insert_into(b::table)
-            .values(NewB { a_id, data: None })
-            .execute(conn)?;
-    }
-    Ok(())
-}
 
 fn count_parents(conn: &mut AnyConnection) -> Result<i64, DemoError> {
     Ok(a::table.count().get_result(conn)?)

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel_runsync::demo::AnyConnection;
+use diesel_runsync::demo::queries::insert_families;
+use diesel_runsync::demo::schema::b;
+use diesel_runsync::demo::{AnyConnection, DemoError, Family, NewB};
 use diesel_runsync::{Backend, Engine, EngineOptions};
 
 /// A database private to one test.
@@ -239,4 +241,21 @@ pub async fn settle(engine: &Engine<AnyConnection>) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     panic!("pool did not settle: {:?}", engine.status());
+}
+
+/// The first half of a unit of work: one parent; returns its id
+/// (`insert_families` reads it back safely under concurrency: RETURNING, or
+/// `LAST_INSERT_ID()` on MySQL).
+pub fn insert_parent(conn: &mut AnyConnection) -> Result<i32, DemoError> {
+    Ok(insert_families(conn, &[Family::new("unit", 0)])?[0])
+}
+
+/// The second half: its two children, one statement each.
+pub fn insert_children(conn: &mut AnyConnection, a_id: i32) -> Result<(), DemoError> {
+    for _ in 0..2 {
+        diesel::insert_into(b::table)
+            .values(NewB { a_id, data: None })
+            .execute(conn)?;
+    }
+    Ok(())
 }
