@@ -349,3 +349,53 @@ fn the_password_never_appears_in_echo_logs_or_debug_output() {
         }
     });
 }
+
+#[test]
+fn migrate_subcommands_apply_list_and_revert() {
+    for db in TestDb::all("cli_migrate") {
+        let status = run_program(&db.url, &["migrate", "status"]);
+        assert_eq!(
+            text(&status.stdout),
+            "pending  20240101000000\n0 applied, 1 pending\n"
+        );
+        let applied = run_program(&db.url, &["migrate", "run"]);
+        assert_eq!(
+            text(&applied.stdout),
+            "applied 1 migration(s)\n",
+            "{}",
+            db.backend
+        );
+        let status = run_program(&db.url, &["migrate", "status"]);
+        assert_eq!(
+            text(&status.stdout),
+            "applied  20240101000000\n1 applied, 0 pending\n"
+        );
+        let reverted = run_program(&db.url, &["migrate", "revert"]);
+        assert_eq!(text(&reverted.stdout), "reverted 20240101000000\n");
+        let nothing = run_program(&db.url, &["migrate", "revert"]);
+        assert_clean_failure(&nothing, "no migration is applied", "\u{0}");
+    }
+}
+
+#[test]
+fn run_scales_the_program_and_rejects_bad_counts() {
+    let db = TestDb::sqlite("cli_run");
+    let lazy = run_program(&db.url, &["run", "--n", "50"]);
+    assert!(lazy.status.success(), "{}", text(&lazy.stderr));
+    assert!(
+        text(&lazy.stdout).starts_with("lazy: 50 parents and 75 children inserted"),
+        "{}",
+        text(&lazy.stdout)
+    );
+    let eager = run_program(&db.url, &["run", "--n", "3", "--eager"]);
+    assert_eq!(
+        text(&eager.stdout),
+        SEED_OUTPUT,
+        "3 parents print like the seed"
+    );
+    let (parents, _) = all_rows(&mut db.connect()).unwrap();
+    assert_eq!(parents[0].data.as_deref(), Some("new data"));
+    let zero = run_program(&db.url, &["run", "--n", "0"]);
+    assert_eq!(zero.status.code(), Some(2), "usage errors exit with 2");
+    assert!(text(&zero.stderr).contains("at least 1"));
+}
