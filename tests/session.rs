@@ -401,3 +401,37 @@ async fn checkouts_are_served_first_come_first_served() {
         "the waiting task let {waited_for} later checkouts pass it"
     );
 }
+
+/// Every SQLite URL form works; `:memory:` keeps one connection, so the
+/// database survives from one session to the next.
+#[tokio::test]
+async fn sqlite_url_forms_all_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("forms.db");
+    let urls = [
+        format!("sqlite://{}", file.display()),
+        file.display().to_string(),
+        ":memory:".to_owned(),
+        "sqlite::memory:".to_owned(),
+    ];
+    for url in urls {
+        let engine =
+            diesel_runsync::Engine::<AnyConnection>::connect(&url, EngineOptions::default())
+                .await
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+        migrate(&engine).await;
+        engine
+            .run_sync(|c| {
+                let id = insert_parent(c)?;
+                insert_children(c, id)
+            })
+            .await
+            .unwrap();
+        let parents = engine.session().run_sync(count_parents).await.unwrap();
+        assert_eq!(parents, 1, "{url}");
+        if url.contains(":memory:") {
+            assert_eq!(engine.status().connections, 1, "{url}: one connection");
+        }
+    }
+    assert!(file.exists());
+}

@@ -60,8 +60,10 @@ pub fn configure_sqlite(conn: &mut diesel::SqliteConnection, in_memory: bool) ->
     } else {
         "PRAGMA journal_mode = WAL;"
     };
+    // The busy timeout first: switching to WAL needs a lock that another
+    // connection's open transaction may hold for a moment.
     conn.batch_execute(&format!(
-        "{journal} PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;"
+        "PRAGMA busy_timeout = 5000; {journal} PRAGMA foreign_keys = ON;"
     ))
 }
 
