@@ -37,8 +37,9 @@ enum State {
     Open,
     /// An operation started and never finished: its future was dropped.
     InFlight,
-    /// An operation failed inside the transaction, which was rolled back;
-    /// `rollback()` must acknowledge it.
+    /// An operation failed inside the transaction, which was rolled back
+    /// (a cancelled `transaction()` scope's is rolled back by `rollback()` or
+    /// the session's drop); `rollback()` must acknowledge it.
     Failed(String),
 }
 
