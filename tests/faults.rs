@@ -44,14 +44,7 @@ fn next(seed: &mut u64) -> u64 {
 async fn panics_at_random_points_lose_nothing_and_poison_nothing() {
     let n = rounds(1_000);
     for db in TestDb::all("fault_panics") {
-        let engine = db
-            .engine_with(EngineOptions {
-                max_size: 4,
-                connection_timeout: Duration::from_secs(10),
-                ..EngineOptions::default()
-            })
-            .await;
-        migrate(&engine).await;
+        let engine = db.migrated_engine(4, Duration::from_secs(10)).await;
         let mut seed = 0x2545_f491_4f6c_dd1d;
         let (mut panics, mut committed) = (0, 0);
         for _ in 0..n {
@@ -145,37 +138,53 @@ async fn staged_unit(
     Ok(())
 }
 
+/// Polls `future` at most `polls` times, yielding to the runtime between
+/// polls, then drops it if it has not finished: a cancellation at whatever
+/// await it had reached. Returns its output, if any, and the polls made.
+async fn poll_at_most<F: std::future::Future>(future: F, polls: u64) -> (Option<F::Output>, u64) {
+    let mut future = std::pin::pin!(future);
+    let mut made = 0;
+    while made < polls {
+        made += 1;
+        let poll =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(future.as_mut().poll(cx))).await;
+        if let std::task::Poll::Ready(output) = poll {
+            return (Some(output), made);
+        }
+        tokio::task::yield_now().await;
+    }
+    (None, made)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn futures_dropped_at_random_awaits_leave_no_trace() {
     let n = rounds(1_000);
     for db in TestDb::all("fault_cancel") {
-        let engine = db
-            .engine_with(EngineOptions {
-                max_size: 4,
-                connection_timeout: Duration::from_secs(10),
-                ..EngineOptions::default()
-            })
-            .await;
-        migrate(&engine).await;
-        // Time a few whole units, so the random cut points span one.
-        let stage = Arc::new(AtomicU32::new(0));
-        let started = Instant::now();
+        let engine = db.migrated_engine(4, Duration::from_secs(10)).await;
+        // Count the polls a few whole units take, so the random cut points
+        // span one (polls, not a timer: tokio's timer ticks in milliseconds,
+        // longer than a whole SQLite unit).
+        let mut spans = Vec::new();
         for _ in 0..20 {
-            staged_unit(&engine, &stage).await.unwrap();
+            let stage = Arc::new(AtomicU32::new(0));
+            let (finished, polls) = poll_at_most(staged_unit(&engine, &stage), u64::MAX).await;
+            finished.expect("an unbounded unit finishes").unwrap();
+            spans.push(polls);
         }
-        let span = (started.elapsed() / 20).as_micros().max(1) as u64;
+        spans.sort_unstable();
+        let span = spans[spans.len() / 2].max(1);
         let mut seed = 0x9e37_79b9_7f4a_7c15;
         let (mut completed, mut dropped, mut attempts) = (20, 0, 0);
         let mut at = [0usize; STAGES.len()];
         while dropped < n && attempts < 20 * n {
             attempts += 1;
-            let delay = Duration::from_micros(next(&mut seed) % span);
+            let polls = 1 + next(&mut seed) % span;
             // A stage of its own: a dropped unit's blocking task may still run.
             let stage = Arc::new(AtomicU32::new(0));
-            match tokio::time::timeout(delay, staged_unit(&engine, &stage)).await {
-                Ok(Ok(())) => completed += 1,
-                Ok(Err(e)) => panic!("{}: {e}", db.backend),
-                Err(_) => {
+            match poll_at_most(staged_unit(&engine, &stage), polls).await.0 {
+                Some(Ok(())) => completed += 1,
+                Some(Err(e)) => panic!("{}: {e}", db.backend),
+                None => {
                     dropped += 1;
                     at[stage.load(Ordering::SeqCst) as usize] += 1;
                 }
@@ -365,14 +374,7 @@ async fn contended_increments_are_exact_with_retries() {
 async fn four_times_more_sessions_than_connections_complete_or_time_out() {
     for db in TestDb::all("fault_oversubscribed") {
         let pool = 4;
-        let engine = db
-            .engine_with(EngineOptions {
-                max_size: pool,
-                connection_timeout: Duration::from_millis(300),
-                ..EngineOptions::default()
-            })
-            .await;
-        migrate(&engine).await;
+        let engine = db.migrated_engine(pool, Duration::from_millis(300)).await;
         let started = Instant::now();
         let mut handles = Vec::new();
         for _ in 0..pool * 4 {

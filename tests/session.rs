@@ -79,14 +79,7 @@ async fn commit_makes_the_work_durable() {
 #[tokio::test]
 async fn a_panic_in_the_closure_is_an_error_and_rolls_back() {
     for db in TestDb::all("panic_rolls_back") {
-        let engine = db
-            .engine_with(EngineOptions {
-                max_size: 2,
-                connection_timeout: Duration::from_secs(5),
-                ..EngineOptions::default()
-            })
-            .await;
-        migrate(&engine).await;
+        let engine = db.migrated_engine(2, Duration::from_secs(5)).await;
         for round in 0..10 {
             let mut session = engine.session();
             let id = session.run_sync(insert_parent).await.unwrap();
@@ -140,6 +133,9 @@ async fn an_error_from_the_closure_rolls_back_the_whole_transaction() {
         );
         session.rollback().await.unwrap();
         assert_eq!(committed_parents(&db).await, 0, "{}", db.backend);
+        if open_transactions(&db) != 0 {
+            std::process::Command::new("mysql").args(["-h127.0.0.1", "-uroot", "-e", "select t.trx_id, t.trx_state, t.trx_started, t.trx_mysql_thread_id, p.db, p.command, p.time, t.trx_rows_modified, t.trx_lock_structs from information_schema.innodb_trx t join information_schema.processlist p on p.id = t.trx_mysql_thread_id"]).status().unwrap();
+        }
         assert_eq!(open_transactions(&db), 0, "{}", db.backend);
     }
 }
@@ -230,14 +226,7 @@ async fn a_cancelled_transaction_scope_cannot_be_committed_later() {
 #[tokio::test]
 async fn cancellation_at_each_await_commits_nothing_partial() {
     for db in TestDb::all("cancel_each_await") {
-        let engine = db
-            .engine_with(EngineOptions {
-                max_size: 2,
-                connection_timeout: Duration::from_secs(5),
-                ..EngineOptions::default()
-            })
-            .await;
-        migrate(&engine).await;
+        let engine = db.migrated_engine(2, Duration::from_secs(5)).await;
 
         // Inside f: the parent is written, then the future is dropped.
         let mut session = engine.session();
@@ -256,9 +245,17 @@ async fn cancellation_at_each_await_commits_nothing_partial() {
             refused,
             Err(DemoError::Session(Error::PendingRollback(_)))
         ));
+        // rollback() waits for the cancelled task: when it returns, nothing
+        // of the session's is open on the server, with no settling needed.
+        let started = std::time::Instant::now();
         session.rollback().await.unwrap();
-        settle(&engine).await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(150),
+            "it waited for f"
+        );
+        assert_eq!(open_transactions(&db), 0, "{}: inside f", db.backend);
         assert_eq!(committed_parents(&db).await, 0, "{}: inside f", db.backend);
+        settle(&engine).await;
 
         // At commit: the commit either happened whole or not at all.
         let mut session = engine.session();
@@ -294,14 +291,7 @@ async fn cancellation_at_each_await_commits_nothing_partial() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_cancellation_never_commits_half_a_unit() {
     for db in TestDb::all("random_cancel") {
-        let engine = db
-            .engine_with(EngineOptions {
-                max_size: 4,
-                connection_timeout: Duration::from_secs(10),
-                ..EngineOptions::default()
-            })
-            .await;
-        migrate(&engine).await;
+        let engine = db.migrated_engine(4, Duration::from_secs(10)).await;
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut completed = 0;
         for _ in 0..100 {

@@ -13,7 +13,9 @@
 //!   a transaction open, and closing it makes the server roll back;
 //! - after a failed or cancelled operation inside a transaction, the session
 //!   refuses work ([`Error::PendingRollback`]) until `rollback()`, so later
-//!   steps can never be committed without the earlier ones.
+//!   steps can never be committed without the earlier ones; `rollback()`
+//!   waits for a cancelled operation's task, so when it returns nothing of
+//!   the session's is left open on the server.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use diesel::connection::TransactionManager;
 use diesel::result::QueryResult;
+use tokio::sync::Notify;
 
 use crate::facade::engine::{Engine, Pooled};
 use crate::facade::error::Error;
@@ -55,6 +58,9 @@ pub struct AsyncSession<C: PoolableConnection> {
     state: State,
     /// Set by a [`transaction`](Self::transaction) scope whose future was dropped.
     scope_cancelled: Option<Arc<AtomicBool>>,
+    /// The blocking operation last started, until it completes in this
+    /// session; if its future was dropped, `rollback()` waits for it.
+    in_flight: Option<Arc<InFlight>>,
 }
 
 impl<C: PoolableConnection> std::fmt::Debug for AsyncSession<C> {
@@ -76,14 +82,68 @@ enum Step<R, E> {
     Panicked(String),
 }
 
-/// Sets its flag when dropped before [`CancelFlag::disarm`]: the awaiting
-/// future was cancelled.
-struct CancelFlag(Arc<AtomicBool>, bool);
+/// What one blocking operation shares with the session that started it.
+#[derive(Default)]
+struct InFlight {
+    /// Set when the awaiting future was dropped: nobody will take the result.
+    cancelled: AtomicBool,
+    /// Set once the operation's connection is back in the pool (or closed).
+    done: AtomicBool,
+    finished: Notify,
+}
+
+impl InFlight {
+    /// Waits until the operation's connection is back (or closed).
+    async fn wait_done(&self) {
+        loop {
+            let finished = self.finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            if self.done.load(Ordering::Acquire) {
+                return;
+            }
+            finished.await;
+        }
+    }
+}
+
+/// Travels with the connection out of the blocking task and, dropped after
+/// it, tells a waiting [`AsyncSession::rollback`] that the operation is over:
+/// whether the awaiting future took the result or tokio dropped it.
+struct DoneSignal(Arc<InFlight>);
+
+impl Drop for DoneSignal {
+    fn drop(&mut self) {
+        self.0.done.store(true, Ordering::Release);
+        self.0.finished.notify_waiters();
+    }
+}
+
+/// Sets `cancelled` when dropped before [`CancelFlag::disarm`]: the awaiting
+/// future was dropped.
+struct CancelFlag(Arc<InFlight>, bool);
 
 impl CancelFlag {
+    fn disarm(mut self) {
+        self.1 = false;
+    }
+}
+
+impl Drop for CancelFlag {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.cancelled.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Sets a transaction scope's flag when dropped before disarmed.
+struct ScopeFlag(Arc<AtomicBool>, bool);
+
+impl ScopeFlag {
     fn new() -> (Self, Arc<AtomicBool>) {
         let flag = Arc::new(AtomicBool::new(false));
-        (CancelFlag(flag.clone(), true), flag)
+        (ScopeFlag(flag.clone(), true), flag)
     }
 
     fn disarm(mut self) {
@@ -91,7 +151,7 @@ impl CancelFlag {
     }
 }
 
-impl Drop for CancelFlag {
+impl Drop for ScopeFlag {
     fn drop(&mut self) {
         if self.1 {
             self.0.store(true, Ordering::Release);
@@ -106,7 +166,16 @@ impl<C: PoolableConnection> AsyncSession<C> {
             conn: None,
             state: State::Idle,
             scope_cancelled: None,
+            in_flight: None,
         }
+    }
+
+    /// Registers a blocking operation: the flag to drop with the awaiting
+    /// future and the signal to send back with the connection.
+    fn start_operation(&mut self) -> (CancelFlag, DoneSignal) {
+        let op = Arc::new(InFlight::default());
+        self.in_flight = Some(op.clone());
+        (CancelFlag(op.clone(), true), DoneSignal(op))
     }
 
     /// The engine this session draws connections from.
@@ -179,7 +248,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
         let mut pooled = self.take_or_checkout().await?;
         let needs_begin = self.state != State::Open;
         self.state = State::InFlight;
-        let (flag, cancelled) = CancelFlag::new();
+        let (flag, done) = self.start_operation();
         let joined = tokio::task::spawn_blocking(move || {
             let slot = &mut *pooled;
             let conn = slot.conn_mut();
@@ -192,7 +261,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
                     Err(payload) => Step::Panicked(panic_message(payload.as_ref())),
                 }
             };
-            if matches!(step, Step::Done(_)) && cancelled.load(Ordering::Acquire) {
+            if matches!(step, Step::Done(_)) && done.0.cancelled.load(Ordering::Acquire) {
                 // Nobody will see the result: the work must not be committed.
                 rollback_all(slot.conn_mut());
             } else if matches!(step, Step::Done(_)) && commit {
@@ -205,11 +274,13 @@ impl<C: PoolableConnection> AsyncSession<C> {
             } else {
                 slot.recover();
             }
-            (pooled, step)
+            // Dropped in this order: the connection first, then the signal.
+            (pooled, step, done)
         })
         .await;
         flag.disarm();
-        let (pooled, step) = joined.map_err(|e| self.lost(e))?;
+        self.in_flight = None;
+        let (pooled, step, _done) = joined.map_err(|e| self.lost(e))?;
         match step {
             Step::Done(value) if commit => {
                 drop(pooled);
@@ -276,9 +347,17 @@ impl<C: PoolableConnection> AsyncSession<C> {
 
     /// Rolls back whatever the session has not committed, returns the
     /// connection to the pool, and makes the session usable again after a
-    /// failure or cancellation.
+    /// failure or cancellation. If an operation's future was dropped, this
+    /// first waits for its blocking task to roll back and return its
+    /// connection (as long as the user's closure takes to finish).
     pub async fn rollback(&mut self) -> Result<(), Error> {
         self.scope_cancelled = None;
+        if let Some(cancelled) = self.in_flight.take() {
+            // An operation's future was dropped: its task rolls back and
+            // returns the connection; wait for that, so that when this
+            // returns nothing of the session's is left open on the server.
+            cancelled.wait_done().await;
+        }
         let open = self.conn.as_mut().is_some_and(|p| has_open_transaction(p));
         self.state = State::Idle;
         if open {
@@ -306,7 +385,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
         E: From<Error>,
     {
         self.begin()?;
-        let (flag, cancelled) = CancelFlag::new();
+        let (flag, cancelled) = ScopeFlag::new();
         self.scope_cancelled = Some(cancelled);
         let result = body(self).await;
         flag.disarm();
@@ -360,12 +439,15 @@ impl<C: PoolableConnection> AsyncSession<C> {
     ) -> Result<T, Error> {
         let mut pooled = self.take_or_checkout().await?;
         let previous = std::mem::replace(&mut self.state, State::InFlight);
+        let (flag, done) = self.start_operation();
         let joined = tokio::task::spawn_blocking(move || {
             let value = op(&mut pooled);
-            (pooled, value)
+            (pooled, value, done)
         })
         .await;
-        let (pooled, value) = joined.map_err(|e| self.lost(e))?;
+        flag.disarm();
+        self.in_flight = None;
+        let (pooled, value, _done) = joined.map_err(|e| self.lost(e))?;
         self.conn = Some(pooled);
         self.state = previous;
         Ok(value)
