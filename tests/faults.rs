@@ -32,6 +32,27 @@ fn figure(line: String) {
     let _ = writeln!(std::io::stderr(), "FIGURE {line}");
 }
 
+/// What a fault test checks once its rounds are over.
+struct Aftermath {
+    status: diesel_runsync::PoolStatus,
+    partial: i64,
+    open: i64,
+    parents: i64,
+}
+
+/// Waits for the pool to settle, then reads the pool's counts, the partial
+/// units, the open transactions and the committed parents.
+async fn aftermath(db: &TestDb, engine: &diesel_runsync::Engine<AnyConnection>) -> Aftermath {
+    settle(engine).await;
+    let parents = a::table.count().get_result(&mut db.connect()).unwrap();
+    Aftermath {
+        status: engine.status(),
+        partial: partial_units(db, 2),
+        open: open_transactions(db),
+        parents,
+    }
+}
+
 /// A xorshift step: pseudo-random numbers without a dependency.
 fn next(seed: &mut u64) -> u64 {
     *seed ^= *seed << 13;
@@ -75,12 +96,12 @@ async fn panics_at_random_points_lose_nothing_and_poison_nothing() {
                 Err(other) => panic!("{}: unexpected {other}", db.backend),
             }
         }
-        settle(&engine).await;
-        let status = engine.status();
-        let partial = partial_units(&db, 2);
-        let open = open_transactions(&db);
-        let mut conn = db.connect();
-        let parents: i64 = a::table.count().get_result(&mut conn).unwrap();
+        let Aftermath {
+            status,
+            partial,
+            open,
+            parents,
+        } = aftermath(&db, &engine).await;
         figure(format!(
             "panic {}: rounds={n} panics={panics} committed={committed} rows={parents} partial_units={partial} open_transactions={open} pool={}/{} idle",
             db.backend, status.idle, status.connections
@@ -190,12 +211,12 @@ async fn futures_dropped_at_random_awaits_leave_no_trace() {
                 }
             }
         }
-        settle(&engine).await;
-        let status = engine.status();
-        let partial = partial_units(&db, 2);
-        let open = open_transactions(&db);
-        let mut conn = db.connect();
-        let parents: i64 = a::table.count().get_result(&mut conn).unwrap();
+        let Aftermath {
+            status,
+            partial,
+            open,
+            parents,
+        } = aftermath(&db, &engine).await;
         let where_dropped: Vec<String> = STAGES
             .iter()
             .zip(at)

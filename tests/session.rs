@@ -10,7 +10,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{
-    TestDb, insert_children, insert_parent, migrate, open_transactions, partial_units, settle,
+    TestDb, insert_children, insert_parent, insert_unit, migrate, open_transactions, partial_units,
+    settle,
 };
 use diesel::prelude::*;
 use diesel_runsync::demo::schema::a;
@@ -323,13 +324,7 @@ async fn engine_run_sync_commits_in_one_call_and_rolls_back_on_error_or_panic() 
     for db in TestDb::all("engine_run_sync") {
         let engine = db.engine().await;
         migrate(&engine).await;
-        engine
-            .run_sync(|c| {
-                let id = insert_parent(c)?;
-                insert_children(c, id)
-            })
-            .await
-            .unwrap();
+        engine.run_sync(insert_unit).await.unwrap();
         assert_eq!(committed_parents(&db).await, 1, "{}", db.backend);
 
         let failed = engine
@@ -410,13 +405,7 @@ async fn sqlite_url_forms_all_work() {
                 .await
                 .unwrap_or_else(|e| panic!("{url}: {e}"));
         migrate(&engine).await;
-        engine
-            .run_sync(|c| {
-                let id = insert_parent(c)?;
-                insert_children(c, id)
-            })
-            .await
-            .unwrap();
+        engine.run_sync(insert_unit).await.unwrap();
         let parents = engine.session().run_sync(count_parents).await.unwrap();
         assert_eq!(parents, 1, "{url}");
         if url.contains(":memory:") {

@@ -294,3 +294,9 @@ pub fn insert_children(conn: &mut AnyConnection, a_id: i32) -> Result<(), DemoEr
     }
     Ok(())
 }
+
+/// A whole unit of work in one closure: a parent, then its two children.
+pub fn insert_unit(conn: &mut AnyConnection) -> Result<(), DemoError> {
+    let id = insert_parent(conn)?;
+    insert_children(conn, id)
+}

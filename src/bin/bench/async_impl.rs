@@ -67,34 +67,36 @@ macro_rules! migration_sql {
 }
 
 /// The migration of `backend`, its version read from the embedded one.
-pub fn migration(backend: diesel_runsync::Backend) -> anyhow::Result<Migration> {
+/// The versions of the embedded migrations in `source`, as `backend` DB sees them.
+fn versions<DB: diesel::backend::Backend>(
+    source: &diesel_migrations::EmbeddedMigrations,
+) -> anyhow::Result<Vec<String>>
+where
+    diesel_migrations::EmbeddedMigrations: diesel::migration::MigrationSource<DB>,
+{
     use diesel::migration::MigrationSource;
+    Ok(MigrationSource::<DB>::migrations(source)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .iter()
+        .map(|m| m.name().version().to_string())
+        .collect())
+}
+
+pub fn migration(backend: diesel_runsync::Backend) -> anyhow::Result<Migration> {
     use diesel_runsync::Backend;
     use diesel_runsync::demo::migrations::for_backend;
     let source = for_backend(backend);
-    let (versions, (up, down)): (Vec<String>, _) = match backend {
+    let (versions, (up, down)) = match backend {
         Backend::Postgres => (
-            MigrationSource::<diesel::pg::Pg>::migrations(&source)
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .iter()
-                .map(|m| m.name().version().to_string())
-                .collect(),
+            versions::<diesel::pg::Pg>(&source)?,
             migration_sql!("postgres"),
         ),
         Backend::Mysql => (
-            MigrationSource::<diesel::mysql::Mysql>::migrations(&source)
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .iter()
-                .map(|m| m.name().version().to_string())
-                .collect(),
+            versions::<diesel::mysql::Mysql>(&source)?,
             migration_sql!("mysql"),
         ),
         Backend::Sqlite => (
-            MigrationSource::<diesel::sqlite::Sqlite>::migrations(&source)
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .iter()
-                .map(|m| m.name().version().to_string())
-                .collect(),
+            versions::<diesel::sqlite::Sqlite>(&source)?,
             migration_sql!("sqlite"),
         ),
     };
