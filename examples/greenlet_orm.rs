@@ -9,9 +9,9 @@
 //! DATABASE_URL=postgres://postgres@127.0.0.1/test cargo run --example greenlet_orm
 //! ```
 
-use diesel_runsync::demo::migrations::{create_all, drop_all};
-use diesel_runsync::demo::queries::{insert_families, run_queries, seed_families};
-use diesel_runsync::demo::{AnyConnection, DemoError};
+use greenlet_orm::migrations::{create_all, drop_all};
+use greenlet_orm::queries::{insert_families, run_queries, seed_families};
+use greenlet_orm::{AnyConnection, DemoError};
 use diesel_runsync::{Engine, EngineOptions, SQL_TARGET};
 
 #[tokio::main]
@@ -23,10 +23,7 @@ async fn main() -> Result<(), DemoError> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "runsync.db".into());
-    let options = EngineOptions {
-        echo: true,
-        ..Default::default()
-    };
+    let options = EngineOptions::default().echo(true);
     let engine = Engine::<AnyConnection>::connect(&url, options).await?;
 
     let mut conn = engine.begin().await?;

@@ -41,10 +41,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use diesel::prelude::*;
-use diesel_runsync::demo::migrations::create_all;
-use diesel_runsync::demo::queries::{insert_families, load_families};
-use diesel_runsync::demo::schema::{a, b};
-use diesel_runsync::demo::{A, AnyConnection, B, DemoError, Family};
+use greenlet_orm::migrations::create_all;
+use greenlet_orm::queries::{insert_families, load_families};
+use greenlet_orm::schema::{a, b};
+use greenlet_orm::{A, AnyConnection, B, DemoError, Family};
 use diesel_runsync::{Engine, EngineOptions, Error};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -100,17 +100,15 @@ impl Config {
                 SocketAddr::from(([127, 0, 0, 1], 3000)),
                 "an address such as 127.0.0.1:3000",
             )?,
-            options: EngineOptions {
-                max_size: parsed(&var, "RUNSYNC_POOL_SIZE", 8, "a number of connections")?,
-                connection_timeout: Duration::from_secs(parsed(
+            options: EngineOptions::default()
+                .max_size(parsed(&var, "RUNSYNC_POOL_SIZE", 8, "a number of connections")?)
+                .connection_timeout(Duration::from_secs(parsed(
                     &var,
                     "RUNSYNC_POOL_TIMEOUT",
                     30,
                     "a number of seconds",
-                )?),
-                echo,
-                ..EngineOptions::default()
-            },
+                )?))
+                .echo(echo),
         })
     }
 }

@@ -1,16 +1,16 @@
-//! `diesel-runsync`: SQLAlchemy's `greenlet_orm` example on Diesel, from
+//! `greenlet-orm`: SQLAlchemy's `greenlet_orm` example on Diesel, from
 //! the command line.
 //!
 //! - `diesel-runsync` (no command, or `seed`) resets the schema of
 //!   `runsync.db` (SQLite, in the current directory), inserts three parents
 //!   with their children, prints them through `run_sync`, updates the first
 //!   and commits: the seed's eight printed lines.
-//! - `diesel-runsync run --n 100000 [--eager] [--print]` does the same with
+//! - `greenlet-orm run --n 100000 [--eager] [--print]` does the same with
 //!   `N` parents, lazily (one query per parent) or eagerly (one `IN` query
 //!   per batch); it prints the objects when `N` is at most 20 or with
 //!   `--print`, otherwise one summary line of counts and timings. A progress
 //!   bar shows on stderr for long runs when stderr is a terminal.
-//! - `diesel-runsync migrate run | revert | status | reset` applies the
+//! - `greenlet-orm migrate run | revert | status | reset` applies the
 //!   pending migrations, reverts the last one, lists applied and pending
 //!   versions, or reverts all and applies all again.
 //!
@@ -31,12 +31,12 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use diesel_migrations::{MigrationError, MigrationHarness};
-use diesel_runsync::demo::migrations::{self, create_all, drop_all};
-use diesel_runsync::demo::program::{greenlet_orm, reset_schema};
-use diesel_runsync::demo::queries::{
+use greenlet_orm::migrations::{self, create_all, drop_all};
+use greenlet_orm::program::{greenlet_orm, reset_schema};
+use greenlet_orm::queries::{
     Counts, PARENT_BATCH, insert_families, run_queries, run_queries_eager, workload_families,
 };
-use diesel_runsync::demo::{AnyConnection, DemoError, Family};
+use greenlet_orm::{AnyConnection, DemoError, Family};
 use diesel_runsync::{Engine, EngineOptions, SQL_TARGET};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -180,12 +180,10 @@ fn one_line(message: &str) -> String {
 
 async fn run(cli: &Cli) -> Result<(), DemoError> {
     let global = &cli.global;
-    let options = EngineOptions {
-        max_size: global.pool_size,
-        connection_timeout: Duration::from_secs(global.pool_timeout),
-        echo: global.echo,
-        ..EngineOptions::default()
-    };
+    let options = EngineOptions::default()
+        .max_size(global.pool_size)
+        .connection_timeout(Duration::from_secs(global.pool_timeout))
+        .echo(global.echo);
     let engine = Engine::<AnyConnection>::connect(&global.database_url, options).await?;
     match &cli.command {
         None | Some(Command::Seed) => {
@@ -362,7 +360,7 @@ async fn migrate(engine: &Engine<AnyConnection>, action: &Migrate) -> Result<(),
         Migrate::Revert => {
             let version = conn
                 .run_sync(|conn| {
-                    let source = migrations::for_backend(conn.backend());
+                    let source = migrations::for_connection(conn);
                     conn.revert_last_migration(source)
                         .map(|v| v.to_string())
                         .map_err(|e| match e.downcast_ref::<MigrationError>() {

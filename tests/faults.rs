@@ -17,8 +17,8 @@ use common::{
 };
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Integer};
-use diesel_runsync::demo::schema::a;
-use diesel_runsync::demo::{AnyConnection, DemoError, NewA};
+use greenlet_orm::schema::a;
+use greenlet_orm::{AnyConnection, DemoError, NewA};
 use diesel_runsync::{Backend, EngineOptions, Error, RetryPolicy};
 
 fn rounds(default: usize) -> usize {
@@ -253,11 +253,7 @@ async fn connections_killed_by_the_server_are_errors_and_evicted() {
             continue;
         };
         let engine = db
-            .engine_with(EngineOptions {
-                max_size: 2,
-                ping_after: Duration::ZERO,
-                ..EngineOptions::default()
-            })
+            .engine_with(EngineOptions::default().max_size(2).ping_after(Duration::ZERO))
             .await;
         migrate(&engine).await;
         let mut admin = db.connect();
@@ -319,11 +315,7 @@ async fn contended_increments_are_exact_with_retries() {
     let (tasks, per_task) = (64, rounds(100).min(100));
     for db in TestDb::all("fault_contention") {
         let engine = db
-            .engine_with(EngineOptions {
-                max_size: 8,
-                connection_timeout: Duration::from_secs(60),
-                ..EngineOptions::default()
-            })
+            .engine_with(EngineOptions::default().max_size(8).connection_timeout(Duration::from_secs(60)))
             .await;
         let mut setup = db.connect();
         diesel::sql_query("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
@@ -339,10 +331,7 @@ async fn contended_increments_are_exact_with_retries() {
             let engine = engine.clone();
             let retries = retries.clone();
             handles.push(tokio::spawn(async move {
-                let policy = RetryPolicy {
-                    max_attempts: 100,
-                    ..RetryPolicy::default()
-                };
+                let policy = RetryPolicy::default().max_attempts(100);
                 for _ in 0..per_task {
                     let done = engine
                         .transaction_with_retry(&policy, |c: &mut AnyConnection| {
@@ -364,8 +353,7 @@ async fn contended_increments_are_exact_with_retries() {
                                 "UPDATE counter SET n = {} WHERE id = 1",
                                 n + 1
                             ))
-                            .execute(c)?;
-                            Ok(())
+                            .execute(c)
                         })
                         .await
                         .expect("an increment commits within its attempts");

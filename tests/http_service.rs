@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use diesel_runsync::EngineOptions;
-use diesel_runsync::demo::queries::all_rows;
+use greenlet_orm::queries::all_rows;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -107,10 +107,7 @@ fn dechunk(mut rest: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_parents_over_http_and_shuts_down_gracefully() {
     let db = TestDb::sqlite("http_service");
-    let options = EngineOptions {
-        max_size: 2,
-        ..EngineOptions::default()
-    };
+    let options = EngineOptions::default().max_size(2);
     let engine = service::connect(&db.url, options)
         .await
         .expect("engine and migrations");

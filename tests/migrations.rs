@@ -4,9 +4,9 @@ mod common;
 
 use common::TestDb;
 use diesel::prelude::*;
-use diesel_runsync::demo::migrations::{create_all, drop_all, status};
-use diesel_runsync::demo::queries::{count_rows, insert_families, seed_families};
-use diesel_runsync::demo::{AnyConnection, DemoError};
+use greenlet_orm::migrations::{create_all, drop_all, status};
+use greenlet_orm::queries::{count_rows, insert_families, seed_families};
+use greenlet_orm::{AnyConnection, DemoError};
 
 fn tables_exist(conn: &mut AnyConnection) -> bool {
     count_rows(conn).is_ok()

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use common::TestDb;
 use diesel::prelude::*;
 use diesel_runsync::Backend;
-use diesel_runsync::demo::queries::all_rows;
+use greenlet_orm::queries::all_rows;
 
 /// What SPEC.md says the program prints.
 const SEED_OUTPUT: &str = "\
@@ -26,7 +26,7 @@ B(id=5, a_id=3, data=None)
 /// `DATABASE_URL` set and nothing else of ours inherited.
 fn run_program(database_url: &str, args: &[&str]) -> Output {
     let dir = tempfile::tempdir().unwrap();
-    Command::new(env!("CARGO_BIN_EXE_diesel-runsync"))
+    Command::new(env!("CARGO_BIN_EXE_greenlet-orm"))
         .args(args)
         .current_dir(dir.path())
         .env("DATABASE_URL", database_url)
@@ -312,7 +312,7 @@ fn the_password_never_appears_in_echo_logs_or_debug_output() {
         "the test URL carries a password: {url}"
     );
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_diesel-runsync"))
+    let out = Command::new(env!("CARGO_BIN_EXE_greenlet-orm"))
         .arg("--echo")
         .current_dir(dir.path())
         .env("DATABASE_URL", &url)
@@ -332,7 +332,7 @@ fn the_password_never_appears_in_echo_logs_or_debug_output() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let engine = diesel_runsync::Engine::<diesel_runsync::demo::AnyConnection>::connect(
+        let engine = diesel_runsync::Engine::<greenlet_orm::AnyConnection>::connect(
             &url,
             diesel_runsync::EngineOptions::default(),
         )

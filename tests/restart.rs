@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::{insert_children, insert_parent, partial_units_on, required};
 use diesel::prelude::*;
-use diesel_runsync::demo::{AnyConnection, DemoError};
+use greenlet_orm::{AnyConnection, DemoError};
 use diesel_runsync::{AsyncSession, DatabaseUrl, Engine, EngineOptions, PoolableConnection};
 
 const RESTARTS: usize = 3;
@@ -250,15 +250,11 @@ async fn unit(engine: &Engine<AnyConnection>) -> Result<(), DemoError> {
 async fn survive_restarts(mut server: Throwaway, name: &str) {
     let engine = Engine::<AnyConnection>::connect(
         &server.url(),
-        EngineOptions {
-            max_size: 4,
-            connection_timeout: Duration::from_secs(1),
-            ..EngineOptions::default()
-        },
+        EngineOptions::default().max_size(4).connection_timeout(Duration::from_secs(1)),
     )
     .await
     .unwrap();
-    diesel_runsync::demo::program::reset_schema(&engine)
+    greenlet_orm::program::reset_schema(&engine)
         .await
         .unwrap();
 

@@ -14,8 +14,8 @@ use common::{
     settle,
 };
 use diesel::prelude::*;
-use diesel_runsync::demo::schema::a;
-use diesel_runsync::demo::{AnyConnection, DemoError};
+use greenlet_orm::schema::a;
+use greenlet_orm::{AnyConnection, DemoError};
 use diesel_runsync::{AsyncSession, EngineOptions, Error};
 
 fn count_parents(conn: &mut AnyConnection) -> Result<i64, DemoError> {
@@ -268,10 +268,7 @@ async fn cancellation_at_each_await_commits_nothing_partial() {
 
         // At begin's checkout: the only connection is held, so it waits; dropped.
         let single = db
-            .engine_with(EngineOptions {
-                max_size: 1,
-                ..EngineOptions::default()
-            })
+            .engine_with(EngineOptions::default().max_size(1))
             .await;
         let mut holder = single.session();
         holder.run_sync(count_parents).await.unwrap();
@@ -324,18 +321,18 @@ async fn engine_run_sync_commits_in_one_call_and_rolls_back_on_error_or_panic() 
     for db in TestDb::all("engine_run_sync") {
         let engine = db.engine().await;
         migrate(&engine).await;
-        engine.run_sync(insert_unit).await.unwrap();
+        engine.transaction(insert_unit).await.unwrap();
         assert_eq!(committed_parents(&db).await, 1, "{}", db.backend);
 
         let failed = engine
-            .run_sync(|c| -> Result<(), DemoError> {
+            .transaction(|c| -> Result<(), DemoError> {
                 insert_parent(c)?;
                 Err(DemoError::Check("no children after all".into()))
             })
             .await;
         assert!(matches!(failed, Err(DemoError::Check(_))), "{failed:?}");
         let panicked = engine
-            .run_sync(|c| -> Result<(), DemoError> {
+            .transaction(|c| -> Result<(), DemoError> {
                 insert_parent(c)?;
                 panic!("half way")
             })
@@ -354,10 +351,7 @@ async fn engine_run_sync_commits_in_one_call_and_rolls_back_on_error_or_panic() 
 async fn checkouts_are_served_first_come_first_served() {
     let db = TestDb::sqlite("fair_checkout");
     let engine = db
-        .engine_with(EngineOptions {
-            max_size: 1,
-            ..EngineOptions::default()
-        })
+        .engine_with(EngineOptions::default().max_size(1))
         .await;
     migrate(&engine).await;
     let greedy_rounds = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -366,7 +360,7 @@ async fn checkouts_are_served_first_come_first_served() {
         tokio::spawn(async move {
             for _ in 0..200 {
                 engine
-                    .run_sync(|c| {
+                    .transaction(|c| {
                         std::thread::sleep(Duration::from_millis(1));
                         count_parents(c)
                     })
@@ -378,7 +372,7 @@ async fn checkouts_are_served_first_come_first_served() {
     };
     tokio::time::sleep(Duration::from_millis(20)).await;
     let before = greedy_rounds.load(Ordering::SeqCst);
-    engine.run_sync(count_parents).await.unwrap();
+    engine.transaction(count_parents).await.unwrap();
     let waited_for = greedy_rounds.load(Ordering::SeqCst) - before;
     greedy.await.unwrap();
     assert!(
@@ -405,7 +399,7 @@ async fn sqlite_url_forms_all_work() {
                 .await
                 .unwrap_or_else(|e| panic!("{url}: {e}"));
         migrate(&engine).await;
-        engine.run_sync(insert_unit).await.unwrap();
+        engine.transaction(insert_unit).await.unwrap();
         let parents = engine.session().run_sync(count_parents).await.unwrap();
         assert_eq!(parents, 1, "{url}");
         if url.contains(":memory:") {

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel_runsync::demo::queries::insert_families;
-use diesel_runsync::demo::schema::b;
-use diesel_runsync::demo::{AnyConnection, DemoError, Family, NewB};
+use greenlet_orm::queries::insert_families;
+use greenlet_orm::schema::b;
+use greenlet_orm::{AnyConnection, DemoError, Family, NewB};
 use diesel_runsync::{Backend, Engine, EngineOptions};
 
 /// A database private to one test.
@@ -139,11 +139,11 @@ impl TestDb {
         timeout: std::time::Duration,
     ) -> Engine<AnyConnection> {
         let engine = self
-            .engine_with(EngineOptions {
-                max_size,
-                connection_timeout: timeout,
-                ..EngineOptions::default()
-            })
+            .engine_with(
+                EngineOptions::default()
+                    .max_size(max_size)
+                    .connection_timeout(timeout),
+            )
             .await;
         migrate(&engine).await;
         engine
@@ -179,7 +179,7 @@ impl Drop for TestDb {
 
 /// Creates the demo schema on `engine`'s database.
 pub async fn migrate(engine: &Engine<AnyConnection>) {
-    diesel_runsync::demo::program::reset_schema(engine)
+    greenlet_orm::program::reset_schema(engine)
         .await
         .expect("schema reset");
 }

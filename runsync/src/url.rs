@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::facade::error::Error;
+use crate::error::Error;
 
 /// The database backend a URL selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -137,7 +137,7 @@ fn password_of(url: &str) -> Option<&str> {
 }
 
 /// `url` with its password, if any, replaced by `***`.
-pub fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     match password_of(url) {
         Some(p) if !p.is_empty() => {
             let authority = host_part(url);

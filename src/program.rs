@@ -2,11 +2,11 @@
 
 use std::io::Write;
 
-use crate::demo::connection::AnyConnection;
-use crate::demo::error::DemoError;
-use crate::demo::migrations::{create_all, drop_all};
-use crate::demo::queries::{Counts, insert_families, run_queries, seed_families};
-use crate::facade::Engine;
+use crate::connection::AnyConnection;
+use crate::error::DemoError;
+use crate::migrations::{create_all, drop_all};
+use crate::queries::{Counts, insert_families, run_queries, seed_families};
+use diesel_runsync::Engine;
 
 /// Step 2: drops and recreates the schema in one transaction
 /// (`engine.begin()` + two `run_sync` calls + commit). Atomic on SQLite and

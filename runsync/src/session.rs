@@ -25,9 +25,9 @@ use diesel::connection::TransactionManager;
 use diesel::result::QueryResult;
 use tokio::sync::Notify;
 
-use crate::facade::engine::{Engine, Pooled};
-use crate::facade::error::Error;
-use crate::facade::manager::{PoolableConnection, Slot, rollback_all};
+use crate::engine::{Engine, Pooled};
+use crate::error::Error;
+use crate::manager::{PoolableConnection, Slot, rollback_all};
 
 /// Where a session's transaction stands.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,13 +4,14 @@
 use std::io::Write;
 
 use diesel::prelude::*;
+#[cfg(feature = "mysql")]
 use diesel::sql_types::BigInt;
 
-use crate::demo::connection::AnyConnection;
-use crate::demo::error::DemoError;
-use crate::demo::models::{A, B, Family, NewA, NewB};
-use crate::demo::schema::{a, b};
-use crate::on_inner_connection;
+use crate::connection::AnyConnection;
+use crate::error::DemoError;
+use crate::models::{A, B, Family, NewA, NewB};
+use crate::schema::{a, b};
+use crate::connection::on_inner_connection;
 
 /// Parents per `INSERT INTO a` statement (one bind each).
 pub const PARENT_BATCH: usize = 1_000;
@@ -83,6 +84,7 @@ pub fn insert_families(
 /// One multi-row `INSERT INTO a`; the new ids in the order of `rows`.
 fn insert_parents(conn: &mut AnyConnection, rows: &[NewA<'_>]) -> Result<Vec<i32>, DemoError> {
     let mut ids: Vec<i32> = match conn {
+        #[cfg(feature = "postgres")]
         AnyConnection::Postgresql(c) => diesel::insert_into(a::table)
             .values(rows)
             .returning(a::id)
@@ -91,6 +93,7 @@ fn insert_parents(conn: &mut AnyConnection, rows: &[NewA<'_>]) -> Result<Vec<i32
             .values(rows)
             .returning(a::id)
             .get_results(c)?,
+        #[cfg(feature = "mysql")]
         AnyConnection::Mysql(c) => {
             diesel::insert_into(a::table).values(rows).execute(c)?;
             return mysql_batch_ids(c, rows.len());
@@ -102,6 +105,7 @@ fn insert_parents(conn: &mut AnyConnection, rows: &[NewA<'_>]) -> Result<Vec<i32
     Ok(ids)
 }
 
+#[cfg(feature = "mysql")]
 #[derive(QueryableByName)]
 struct BatchIds {
     #[diesel(sql_type = BigInt)]
@@ -115,6 +119,7 @@ struct BatchIds {
 /// MySQL has no `RETURNING`: `LAST_INSERT_ID()` is the batch's first id, and
 /// the rest follow it by `auto_increment_increment` when InnoDB's lock mode
 /// is 0 or 1 (MariaDB's default); mode 2 does not promise that.
+#[cfg(feature = "mysql")]
 fn mysql_batch_ids(conn: &mut MysqlConnection, rows: usize) -> Result<Vec<i32>, DemoError> {
     let ids: BatchIds = diesel::sql_query(
         "SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS first_id, \

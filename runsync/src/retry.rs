@@ -4,12 +4,19 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::facade::engine::Engine;
-use crate::facade::error::Error;
-use crate::facade::manager::PoolableConnection;
+use crate::engine::Engine;
+use crate::error::{Error, Retryable};
+use crate::manager::PoolableConnection;
 
 /// How [`Engine::transaction_with_retry`] retries.
+///
+/// ```
+/// # use std::time::Duration;
+/// let policy = diesel_runsync::RetryPolicy::default().max_attempts(20);
+/// assert_eq!(policy.max_attempts, 20);
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RetryPolicy {
     /// Attempts in all, the first included (at least 1).
     pub max_attempts: u32,
@@ -30,9 +37,30 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// Sets [`max_attempts`](Self::max_attempts): attempts in all, the first included.
+    #[must_use]
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts;
+        self
+    }
+
+    /// Sets [`base_delay`](Self::base_delay): the backoff before the second attempt.
+    #[must_use]
+    pub fn base_delay(mut self, delay: Duration) -> Self {
+        self.base_delay = delay;
+        self
+    }
+
+    /// Sets [`max_delay`](Self::max_delay): the upper bound of the backoff.
+    #[must_use]
+    pub fn max_delay(mut self, delay: Duration) -> Self {
+        self.max_delay = delay;
+        self
+    }
+
     /// The jittered backoff after `failures` failed attempts: uniformly
     /// between half and all of `base_delay * 2^(failures-1)`, capped.
-    pub fn backoff(&self, failures: u32) -> Duration {
+    pub(crate) fn backoff(&self, failures: u32) -> Duration {
         let exponential = self
             .base_delay
             .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
@@ -47,6 +75,7 @@ impl RetryPolicy {
 
 /// A result and the number of attempts it took.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
 pub struct Retried<R> {
     /// What the closure returned on the attempt that committed.
     pub value: R,
@@ -55,30 +84,33 @@ pub struct Retried<R> {
 }
 
 impl<C: PoolableConnection> Engine<C> {
-    /// Runs `f` in a transaction of its own ([`Engine::run_sync`]: `BEGIN`,
+    /// Runs `f` in a transaction of its own ([`Engine::transaction`]: `BEGIN`,
     /// `f`, `COMMIT` in one hop), and runs the whole transaction again, after a jittered
     /// backoff, when it fails with a retryable error
-    /// ([`Error::is_retryable`]: serialization failure, deadlock, lock
-    /// timeout, SQLite busy), up to `policy.max_attempts` attempts.
+    /// ([`Retryable::is_retryable`]: serialization failure, deadlock, lock
+    /// timeout, SQLite busy), up to `policy.max_attempts` attempts. `f` may
+    /// return any error type that says whether it is retryable: Diesel's
+    /// `QueryResult`, this crate's [`Error`], or your own.
     ///
     /// Every attempt starts from `BEGIN`, so it is safe with servers that
     /// ask clients to restart transactions (CockroachDB's 40001). `f` may
     /// run several times: keep side effects outside the database out of it.
-    pub async fn transaction_with_retry<R, F>(
+    pub async fn transaction_with_retry<R, E, F>(
         &self,
         policy: &RetryPolicy,
         f: F,
-    ) -> Result<Retried<R>, Error>
+    ) -> Result<Retried<R>, E>
     where
-        F: Fn(&mut C) -> Result<R, Error> + Send + Sync + 'static,
+        F: Fn(&mut C) -> Result<R, E> + Send + Sync + 'static,
         R: Send + 'static,
+        E: From<Error> + Retryable + std::fmt::Display + Send + 'static,
     {
         let f = Arc::new(f);
         let mut attempts = 0;
         loop {
             attempts += 1;
             let attempt_f = f.clone();
-            match self.run_sync(move |conn| attempt_f(conn)).await {
+            match self.transaction(move |conn| attempt_f(conn)).await {
                 Ok(value) => return Ok(Retried { value, attempts }),
                 Err(e) if e.is_retryable() && attempts < policy.max_attempts.max(1) => {
                     tracing::debug!("attempt {attempts} failed, retrying: {e}");
@@ -96,11 +128,10 @@ mod tests {
 
     #[test]
     fn backoff_doubles_within_jitter_and_is_capped() {
-        let policy = RetryPolicy {
-            max_attempts: 5,
-            base_delay: Duration::from_millis(10),
-            max_delay: Duration::from_millis(35),
-        };
+        let policy = RetryPolicy::default()
+            .max_attempts(5)
+            .base_delay(Duration::from_millis(10))
+            .max_delay(Duration::from_millis(35));
         let first = policy.backoff(1);
         assert!(first >= Duration::from_millis(5) && first <= Duration::from_millis(10));
         let second = policy.backoff(2);

@@ -10,21 +10,21 @@ use std::time::Instant;
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
 
-use crate::facade::url::redact;
+use crate::url::redact;
 
 /// The `tracing` target of statement events.
 pub const SQL_TARGET: &str = "diesel_runsync::sql";
 
 /// A Diesel [`Instrumentation`] that reports statements to `tracing`.
 #[derive(Debug, Default)]
-pub struct SqlEcho {
+pub(crate) struct SqlEcho {
     echo: bool,
     started: Option<Instant>,
 }
 
 impl SqlEcho {
     /// Reports at `INFO` when `echo` is true, else at `DEBUG`.
-    pub fn new(echo: bool) -> Self {
+    pub(crate) fn new(echo: bool) -> Self {
         SqlEcho {
             echo,
             started: None,

@@ -3,23 +3,41 @@
 
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
-use crate::demo::connection::AnyConnection;
-use crate::demo::error::DemoError;
-use crate::facade::url::Backend;
+use diesel_runsync::Backend;
+
+use crate::connection::AnyConnection;
+use crate::error::DemoError;
 
 /// Migrations for SQLite (`migrations/sqlite`).
 pub const SQLITE: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 /// Migrations for PostgreSQL (`migrations/postgres`).
+#[cfg(feature = "postgres")]
 pub const POSTGRES: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 /// Migrations for MySQL/MariaDB (`migrations/mysql`; DDL there is never transactional).
+#[cfg(feature = "mysql")]
 pub const MYSQL: EmbeddedMigrations = embed_migrations!("migrations/mysql");
 
-/// The embedded migrations for `backend`.
-pub fn for_backend(backend: Backend) -> EmbeddedMigrations {
+/// The embedded migrations for `backend`, if this build has that backend.
+pub fn for_backend(backend: Backend) -> Option<EmbeddedMigrations> {
     match backend {
-        Backend::Sqlite => SQLITE,
-        Backend::Postgres => POSTGRES,
-        Backend::Mysql => MYSQL,
+        Backend::Sqlite => Some(SQLITE),
+        #[cfg(feature = "postgres")]
+        Backend::Postgres => Some(POSTGRES),
+        #[cfg(feature = "mysql")]
+        Backend::Mysql => Some(MYSQL),
+        #[allow(unreachable_patterns)] // every backend compiled in
+        _ => None,
+    }
+}
+
+/// The embedded migrations for `conn`'s backend.
+pub fn for_connection(conn: &AnyConnection) -> EmbeddedMigrations {
+    match conn {
+        AnyConnection::Sqlite(_) => SQLITE,
+        #[cfg(feature = "postgres")]
+        AnyConnection::Postgresql(_) => POSTGRES,
+        #[cfg(feature = "mysql")]
+        AnyConnection::Mysql(_) => MYSQL,
     }
 }
 
@@ -30,7 +48,7 @@ fn migration_error(e: Box<dyn std::error::Error + Send + Sync>) -> DemoError {
 /// Applies every pending migration (the seed's `create_all`). Returns how
 /// many were applied.
 pub fn create_all(conn: &mut AnyConnection) -> Result<usize, DemoError> {
-    let migrations = for_backend(conn.backend());
+    let migrations = for_connection(conn);
     let applied = conn
         .run_pending_migrations(migrations)
         .map_err(migration_error)?;
@@ -40,7 +58,7 @@ pub fn create_all(conn: &mut AnyConnection) -> Result<usize, DemoError> {
 /// Reverts every applied migration, dropping `b` then `a` (the seed's
 /// `drop_all`). Returns how many were reverted.
 pub fn drop_all(conn: &mut AnyConnection) -> Result<usize, DemoError> {
-    let migrations = for_backend(conn.backend());
+    let migrations = for_connection(conn);
     let reverted = conn
         .revert_all_migrations(migrations)
         .map_err(migration_error)?;
@@ -49,7 +67,7 @@ pub fn drop_all(conn: &mut AnyConnection) -> Result<usize, DemoError> {
 
 /// Migration versions applied and still pending, in order.
 pub fn status(conn: &mut AnyConnection) -> Result<(Vec<String>, Vec<String>), DemoError> {
-    let migrations = for_backend(conn.backend());
+    let migrations = for_connection(conn);
     let applied = conn
         .applied_migrations()
         .map_err(migration_error)?

@@ -226,7 +226,7 @@ pub async fn facade_load(
                 let t = Instant::now();
                 // One hop: BEGIN, SELECT, UPDATE, COMMIT.
                 engine
-                    .run_sync(move |conn| select_update(conn, id).map_err(DemoError::from))
+                    .transaction(move |conn| select_update(conn, id).map_err(DemoError::from))
                     .await?;
                 latencies.push(t.elapsed());
             }

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::facade::error::Error;
-use crate::facade::manager::{
+use crate::error::Error;
+use crate::manager::{
     ConnectErrorSink, LastConnectError, Manager, PoolableConnection, Slot,
 };
-use crate::facade::session::AsyncSession;
-use crate::facade::url::DatabaseUrl;
+use crate::session::AsyncSession;
+use crate::url::DatabaseUrl;
 
 /// A pooled connection checked out of an engine, with its turn at the gate.
 ///
@@ -38,7 +38,18 @@ impl<C: PoolableConnection> DerefMut for Pooled<C> {
 }
 
 /// How an [`Engine`] pools and reports.
+///
+/// Start from [`EngineOptions::default()`] and change what you need:
+///
+/// ```
+/// # use std::time::Duration;
+/// let options = diesel_runsync::EngineOptions::default()
+///     .max_size(4)
+///     .connection_timeout(Duration::from_secs(5));
+/// assert_eq!(options.max_size, 4);
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct EngineOptions {
     /// Most connections open at once (SQLite `:memory:` is always 1).
     pub max_size: u32,
@@ -66,6 +77,52 @@ impl Default for EngineOptions {
             idle_timeout: Some(Duration::from_secs(600)),
             max_lifetime: Some(Duration::from_secs(1800)),
         }
+    }
+}
+
+impl EngineOptions {
+    /// Sets [`max_size`](Self::max_size): most connections open at once.
+    #[must_use]
+    pub fn max_size(mut self, max_size: u32) -> Self {
+        self.max_size = max_size;
+        self
+    }
+
+    /// Sets [`connection_timeout`](Self::connection_timeout): how long a
+    /// checkout waits for a free connection.
+    #[must_use]
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// Sets [`echo`](Self::echo): report statements at `INFO`.
+    #[must_use]
+    pub fn echo(mut self, echo: bool) -> Self {
+        self.echo = echo;
+        self
+    }
+
+    /// Sets [`ping_after`](Self::ping_after): idle time after which a
+    /// checkout pings the connection first.
+    #[must_use]
+    pub fn ping_after(mut self, after: Duration) -> Self {
+        self.ping_after = after;
+        self
+    }
+
+    /// Sets [`idle_timeout`](Self::idle_timeout) (`None`: never close idle connections).
+    #[must_use]
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Sets [`max_lifetime`](Self::max_lifetime) (`None`: never replace connections).
+    #[must_use]
+    pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
+        self.max_lifetime = lifetime;
+        self
     }
 }
 
@@ -159,6 +216,7 @@ impl<C: PoolableConnection> Engine<C> {
     }
 
     /// A new session; it checks a connection out when first used.
+    #[must_use = "a session does nothing until used"]
     pub fn session(&self) -> AsyncSession<C> {
         AsyncSession::new(self.clone())
     }
@@ -173,10 +231,12 @@ impl<C: PoolableConnection> Engine<C> {
         Ok(session)
     }
 
-    /// Runs `f` in a transaction of its own and commits it, in one blocking
-    /// hop: `BEGIN`, `f`, `COMMIT` (see [`AsyncSession::run_sync_and_commit`]).
-    /// An error or panic in `f` rolls it back and is returned.
-    pub async fn run_sync<R, E, F>(&self, f: F) -> Result<R, E>
+    /// Runs `f` in a transaction of its own and **commits** it when `f`
+    /// returns `Ok`, in one blocking hop: `BEGIN`, `f`, `COMMIT` (a fresh
+    /// session's [`AsyncSession::run_sync_and_commit`]). An error or panic in
+    /// `f` rolls it back and is returned. Unlike [`AsyncSession::run_sync`],
+    /// nothing is left for a later `commit()`.
+    pub async fn transaction<R, E, F>(&self, f: F) -> Result<R, E>
     where
         F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
         R: Send + 'static,

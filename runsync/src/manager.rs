@@ -3,21 +3,22 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use diesel::connection::{
-    AnsiTransactionManager, Connection, SimpleConnection, TransactionManager,
-};
+#[cfg(feature = "sqlite")]
+use diesel::connection::AnsiTransactionManager;
+use diesel::connection::{Connection, SimpleConnection, TransactionManager};
 use diesel::result::{ConnectionError, QueryResult};
 use tokio::sync::watch;
 
-use crate::facade::echo::SqlEcho;
-use crate::facade::error::Error;
-use crate::facade::url::DatabaseUrl;
+use crate::echo::SqlEcho;
+use crate::error::Error;
+use crate::url::DatabaseUrl;
 
 /// A synchronous Diesel connection the engine can pool.
 ///
 /// Implemented here for `SqliteConnection`, `PgConnection` and
-/// `MysqlConnection`; implement it for your own `#[derive(MultiConnection)]`
-/// type (the defaults need only an empty `impl`).
+/// `MysqlConnection` (each behind its cargo feature); implement it for your
+/// own `#[derive(MultiConnection)]` type (the defaults need only an empty
+/// `impl`; forward to the inner connection's impl to keep its settings).
 pub trait PoolableConnection: Connection + Send + 'static {
     /// Opens a connection to `url` and applies per-connection settings.
     fn connect(url: &DatabaseUrl) -> Result<Self, ConnectionError> {
@@ -35,10 +36,18 @@ pub trait PoolableConnection: Connection + Send + 'static {
     }
 }
 
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 impl PoolableConnection for diesel::PgConnection {}
 
+#[cfg(feature = "mysql")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
 impl PoolableConnection for diesel::MysqlConnection {}
 
+/// WAL, a 5 s busy timeout and foreign keys on every connection;
+/// transactions begin with `BEGIN IMMEDIATE`.
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 impl PoolableConnection for diesel::SqliteConnection {
     fn connect(url: &DatabaseUrl) -> Result<Self, ConnectionError> {
         let mut conn = Self::establish(url.expose())?;
@@ -54,7 +63,8 @@ impl PoolableConnection for diesel::SqliteConnection {
 
 /// SQLite settings for many writers through one engine: WAL (readers never
 /// block the writer), a 5 s busy timeout, and foreign keys enforced.
-pub fn configure_sqlite(conn: &mut diesel::SqliteConnection, in_memory: bool) -> QueryResult<()> {
+#[cfg(feature = "sqlite")]
+fn configure_sqlite(conn: &mut diesel::SqliteConnection, in_memory: bool) -> QueryResult<()> {
     let journal = if in_memory {
         ""
     } else {
@@ -69,13 +79,14 @@ pub fn configure_sqlite(conn: &mut diesel::SqliteConnection, in_memory: bool) ->
 
 /// `BEGIN IMMEDIATE` on SQLite: takes the write lock up front, so two
 /// writers queue on the busy timeout instead of deadlocking on an upgrade.
-pub fn begin_immediate(conn: &mut diesel::SqliteConnection) -> QueryResult<()> {
+#[cfg(feature = "sqlite")]
+fn begin_immediate(conn: &mut diesel::SqliteConnection) -> QueryResult<()> {
     AnsiTransactionManager::begin_transaction_sql(conn, "BEGIN IMMEDIATE")
 }
 
 /// What the pool holds: the connection (absent while a blocking task owns
 /// it) and when it last answered.
-pub struct Slot<C> {
+pub(crate) struct Slot<C> {
     pub(crate) conn: Option<C>,
     pub(crate) last_used: Instant,
 }
@@ -135,7 +146,7 @@ pub(crate) fn rollback_all<C: PoolableConnection>(conn: &mut C) {
 }
 
 /// The bb8 manager of a pool of `C`.
-pub struct Manager<C> {
+pub(crate) struct Manager<C> {
     pub(crate) url: DatabaseUrl,
     pub(crate) echo: bool,
     /// Connections used more recently than this are not pinged on checkout.
@@ -146,7 +157,7 @@ pub struct Manager<C> {
 impl<C: PoolableConnection> Manager<C> {
     fn connect_error(&self, error: &ConnectionError) -> Error {
         let mut message = one_line(&self.url.scrub(&error.to_string()));
-        if self.url.backend() == crate::Backend::Sqlite {
+        if self.url.backend() == crate::url::Backend::Sqlite {
             message.push_str(" (does the file's directory exist, and is it writable?)");
         }
         Error::Connect {
@@ -178,9 +189,9 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
         match opened {
             Ok(conn) => {
                 if self.echo {
-                    tracing::info!(target: crate::SQL_TARGET, "connected to {}", self.url);
+                    tracing::info!(target: crate::echo::SQL_TARGET, "connected to {}", self.url);
                 } else {
-                    tracing::debug!(target: crate::SQL_TARGET, "connected to {}", self.url);
+                    tracing::debug!(target: crate::echo::SQL_TARGET, "connected to {}", self.url);
                 }
                 Ok(Slot {
                     conn: Some(conn),
@@ -189,7 +200,7 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
             }
             Err(e) => {
                 let error = self.connect_error(&e);
-                tracing::warn!(target: crate::SQL_TARGET, "{error}");
+                tracing::warn!(target: crate::echo::SQL_TARGET, "{error}");
                 Err(error)
             }
         }

@@ -4,7 +4,7 @@ use std::fmt;
 
 use diesel::prelude::*;
 
-use crate::demo::schema::{a, b};
+use crate::schema::{a, b};
 
 /// A parent row of table `a`.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Identifiable)]

@@ -1,0 +1,149 @@
+//! The facade's error type.
+
+use std::time::Duration;
+
+/// Everything the engine and sessions can fail with.
+///
+/// No variant ever holds a password: URLs are redacted and driver messages
+/// scrubbed before they are stored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database URL could not be understood.
+    #[error("invalid database URL `{url}`: {reason}")]
+    InvalidUrl {
+        /// The URL, password redacted.
+        url: String,
+        /// What is wrong and what to write instead.
+        reason: String,
+    },
+
+    /// A new connection could not be opened (refused, bad credentials, no such database...).
+    #[error("cannot connect to `{url}`: {message}")]
+    Connect {
+        /// The URL, password redacted.
+        url: String,
+        /// The driver's message, password scrubbed, on one line.
+        message: String,
+    },
+
+    /// No pooled connection became free within the checkout timeout.
+    #[error(
+        "no database connection became free within {0:?}; raise the pool size or the connection timeout, or hold sessions for less time"
+    )]
+    PoolTimeout(Duration),
+
+    /// A statement, `BEGIN`, `COMMIT` or `ROLLBACK` failed: Diesel's error,
+    /// shown as it is (its causes are its own).
+    #[error(transparent)]
+    Database(diesel::result::Error),
+
+    /// The closure given to `run_sync` panicked; its transaction was rolled back.
+    #[error("the closure passed to run_sync panicked ({0}); its transaction was rolled back")]
+    Panic(String),
+
+    /// An earlier operation of this session failed or was cancelled inside a
+    /// transaction; the transaction was rolled back and the session refuses
+    /// work until [`rollback`](crate::AsyncSession::rollback) acknowledges it.
+    #[error(
+        "this session's transaction was rolled back after an earlier failure ({0}); call rollback() before using the session again"
+    )]
+    PendingRollback(String),
+
+    /// The connection was lost with a cancelled or panicked blocking task.
+    #[error("the session's connection was lost with a cancelled task; use a new session")]
+    ConnectionLost,
+
+    /// `begin` was called while a transaction was already open.
+    #[error("a transaction is already open on this session; commit or roll it back first")]
+    TransactionAlreadyOpen,
+
+    /// The tokio runtime shut down while a blocking operation was queued.
+    #[error("the tokio runtime is shutting down; the operation did not run")]
+    RuntimeShutdown,
+}
+
+impl From<diesel::result::Error> for Error {
+    /// Wraps a Diesel error; one that carries an [`Error`] (see the `From`
+    /// impl below) gives that error back unchanged.
+    fn from(error: diesel::result::Error) -> Self {
+        match error {
+            diesel::result::Error::QueryBuilderError(inner) => match inner.downcast::<Error>() {
+                Ok(ours) => *ours,
+                Err(inner) => Error::Database(diesel::result::Error::QueryBuilderError(inner)),
+            },
+            other => Error::Database(other),
+        }
+    }
+}
+
+impl From<Error> for diesel::result::Error {
+    /// Lets a closure typed `QueryResult<T>` go through
+    /// [`run_sync`](crate::AsyncSession::run_sync): a database error is
+    /// Diesel's own again, anything else (pool timeout, panic, ...) travels
+    /// inside `QueryBuilderError` and comes back out through `?` as itself.
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Database(inner) => inner,
+            other => diesel::result::Error::QueryBuilderError(Box::new(other)),
+        }
+    }
+}
+
+/// Errors that can say whether running the same transaction again may
+/// succeed: what [`Engine::transaction_with_retry`](crate::Engine::transaction_with_retry)
+/// asks of the closure's error type. Implement it for your own error type by
+/// forwarding to the Diesel error it wraps.
+pub trait Retryable {
+    /// True for a serialization failure or deadlock (PostgreSQL 40001/40P01,
+    /// MySQL 1213/1205, SQLite BUSY): the transaction lost a race, and a
+    /// fresh attempt may commit.
+    fn is_retryable(&self) -> bool;
+}
+
+impl Retryable for diesel::result::Error {
+    fn is_retryable(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind, Error as D};
+        let D::DatabaseError(kind, info) = self else {
+            return false;
+        };
+        if matches!(kind, DatabaseErrorKind::SerializationFailure) {
+            return true;
+        }
+        let message = info.message();
+        message.contains("deadlock")
+            || message.contains("Deadlock")
+            || message.contains("Lock wait timeout")
+            || message.contains("database is locked")
+            || message.contains("could not serialize")
+            || message.contains("restart transaction")
+    }
+}
+
+impl Retryable for Error {
+    fn is_retryable(&self) -> bool {
+        matches!(self, Error::Database(e) if e.is_retryable())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn facade_errors_survive_a_query_result_closure() {
+        let through: diesel::result::Error = Error::PoolTimeout(Duration::from_secs(1)).into();
+        assert!(matches!(Error::from(through), Error::PoolTimeout(_)));
+        let db: diesel::result::Error = Error::Database(diesel::result::Error::NotFound).into();
+        assert!(matches!(db, diesel::result::Error::NotFound));
+    }
+
+    #[test]
+    fn a_database_error_shows_each_cause_once() {
+        use std::error::Error as _;
+        let error = Error::from(diesel::result::Error::NotFound);
+        assert_eq!(error.to_string(), diesel::result::Error::NotFound.to_string());
+        // Transparent: the source is the Diesel error's own source, not the error again.
+        assert!(error.source().is_none());
+    }
+}

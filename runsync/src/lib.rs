@@ -1,0 +1,84 @@
+//! # diesel-runsync
+//!
+//! SQLAlchemy's `AsyncSession.run_sync()` for Diesel: write your queries as
+//! plain synchronous Diesel code over `&mut Conn`, and call them from async
+//! (tokio) code, inside the async session's own transaction.
+//!
+//! ```
+//! # #[cfg(feature = "sqlite")] {
+//! use diesel::connection::SimpleConnection;
+//! use diesel::prelude::*;
+//! use diesel_runsync::{Engine, EngineOptions, Error};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Error> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! # let url = dir.path().join("doc.db").display().to_string();
+//! let engine = Engine::<SqliteConnection>::connect(&url, EngineOptions::default()).await?;
+//!
+//! let mut session = engine.session();
+//! session.run_sync(|conn| conn.batch_execute("CREATE TABLE t (x INTEGER)")).await?;
+//! session
+//!     .run_sync(|conn| diesel::sql_query("INSERT INTO t VALUES (42)").execute(conn))
+//!     .await?;
+//! session.commit().await?;
+//!
+//! // Engine::transaction: a transaction of its own, committed on Ok.
+//! let x: i32 = engine
+//!     .transaction(|conn| diesel::dsl::sql::<diesel::sql_types::Integer>("SELECT x FROM t").get_result(conn))
+//!     .await?;
+//! assert_eq!(x, 42);
+//! # Ok(())
+//! # }
+//! # }
+//! ```
+//!
+//! The closure may return any error type `E: From<Error>`: Diesel's
+//! `QueryResult` as above, this crate's [`Error`], or your own.
+//!
+//! ## Features
+//!
+//! | feature | default | what it does |
+//! |---|---|---|
+//! | `sqlite` | yes | [`PoolableConnection`] for `diesel::SqliteConnection` (WAL, busy timeout, `BEGIN IMMEDIATE`); links the system libsqlite3 |
+//! | `postgres` | yes | [`PoolableConnection`] for `diesel::PgConnection`; links the system libpq |
+//! | `mysql` | no | [`PoolableConnection`] for `diesel::MysqlConnection`; links the system libmysqlclient (`apt-get install default-libmysqlclient-dev`) |
+//! | `sqlite-bundled` | no | `sqlite`, with SQLite compiled in (`libsqlite3-sys/bundled`): needs only a C compiler |
+//! | `postgres-bundled` | no | `postgres`, with libpq compiled in (`pq-sys/bundled`); OpenSSL stays a system library |
+//!
+//! There is no bundled MySQL: `mysqlclient-sys/bundled` needs cmake and is
+//! GPL-2.0-only, so it is left to the application to opt in. Any other
+//! connection type works too: implement [`PoolableConnection`] for it (an
+//! empty `impl` for a `#[derive(MultiConnection)]` enum).
+//!
+//! ## Layout
+//!
+//! - `url` — [`DatabaseUrl`]: the [`Backend`] a URL names, and a form safe to print.
+//! - `manager` — [`PoolableConnection`] and the bb8 manager: how connections
+//!   are opened, checked, and refused when they come back with a transaction open.
+//! - `engine` — [`Engine`] and [`EngineOptions`]: the pool, fair checkout,
+//!   [`Engine::transaction`].
+//! - `session` — [`AsyncSession`]: `run_sync`, `begin`, `commit`, `rollback`,
+//!   `transaction`, and how cancellation and panics are contained.
+//! - `retry` — [`Engine::transaction_with_retry`], [`RetryPolicy`], [`Retried`].
+//! - `echo` — statements to `tracing` on the target [`SQL_TARGET`].
+//! - `error` — [`Error`] and [`Retryable`].
+
+#![warn(missing_docs, unreachable_pub)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod echo;
+mod engine;
+mod error;
+mod manager;
+mod retry;
+mod session;
+mod url;
+
+pub use echo::SQL_TARGET;
+pub use engine::{Engine, EngineOptions, PoolStatus};
+pub use error::{Error, Retryable};
+pub use manager::PoolableConnection;
+pub use retry::{Retried, RetryPolicy};
+pub use session::AsyncSession;
+pub use url::{Backend, DatabaseUrl};
