@@ -224,6 +224,7 @@ impl<C: PoolableConnection> Engine<C> {
     /// A session holding a connection, with a transaction begun: the
     /// counterpart of SQLAlchemy's `engine.begin()`. Commit it with
     /// [`AsyncSession::commit`]; dropping it uncommitted rolls back.
+    #[must_use = "dropping the session at once rolls its transaction back"]
     pub async fn begin(&self) -> Result<AsyncSession<C>, Error> {
         let mut session = self.session();
         session.begin()?;

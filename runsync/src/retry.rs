@@ -75,7 +75,6 @@ impl RetryPolicy {
 
 /// A result and the number of attempts it took.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[must_use]
 pub struct Retried<R> {
     /// What the closure returned on the attempt that committed.
     pub value: R,
