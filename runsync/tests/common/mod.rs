@@ -1,0 +1,661 @@
+//! The per-backend test harness of diesel-runsync's own integration tests.
+//!
+//! Each test is one generic function, `async fn name<C: TestBackend>(db:
+//! TestDb<C>)`, and [`per_backend!`] turns it into a module of three tests,
+//! `name::sqlite`, `name::postgres` and `name::mysql`, each over a database
+//! of its own (a temporary SQLite file, or `CREATE DATABASE rs_<test>_<pid>_<n>`
+//! on the server `PG_DATABASE_URL` / `MYSQL_DATABASE_URL` names), dropped
+//! when the test ends. So `cargo test postgres` runs the PostgreSQL tests.
+//!
+//! A server test whose URL was unset when the tests were built shows as
+//! *ignored* (the `runsync_skip_*` cfgs of `build.rs`), never as passed; with
+//! `CI=true` or `RUNSYNC_REQUIRE_ALL_BACKENDS=1` nothing is ignored and a
+//! missing URL fails the test. A backend whose cargo feature is off shows as
+//! ignored too.
+//!
+//! The schema is this crate's own small table, `items (id, unit, part)`,
+//! plus a one-row `counter`. A *unit* of work is two rows with the same
+//! `unit` (parts 0 and 1), written by two `run_sync` calls; a unit committed
+//! with one part only is a *partial unit*, which must never exist.
+//!
+//! Everything here that opens a direct connection is blocking; the tests
+//! reach it only through the async helpers of [`TestDb`], which run it
+//! with `tokio::task::spawn_blocking`.
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::result::QueryResult;
+use diesel_runsync::{AsyncSession, DatabaseUrl, Engine, EngineOptions, Error, PoolableConnection};
+
+/// What the tests need to know and do per backend.
+pub trait TestBackend: PoolableConnection + Sized {
+    /// `sqlite`, `postgres` or `mysql`.
+    const NAME: &'static str;
+    /// The integer type to `CAST` counts to (`BIGINT`; MySQL `SIGNED`).
+    const BIGINT: &'static str;
+    /// The test schema: `items` and `counter` (with its one row).
+    const SCHEMA: &'static str;
+    /// A statement to run first in a contended counter transaction
+    /// (PostgreSQL: `SERIALIZABLE`, so that concurrent increments conflict).
+    const COUNTER_ISOLATION: Option<&'static str> = None;
+    /// Appended to the counter's `SELECT` (MySQL: `FOR UPDATE`).
+    const COUNTER_LOCK: &'static str = "";
+    /// Whether concurrent counter increments fail and are retried (true on
+    /// PostgreSQL's SERIALIZABLE; MySQL's row lock and SQLite's
+    /// `BEGIN IMMEDIATE` make them wait instead).
+    const COUNTER_CONFLICTS: bool = false;
+    /// How long the server's view of open transactions may lag (MySQL's
+    /// `information_schema.innodb_trx` is a cache refreshed only when last
+    /// read more than 100 ms ago).
+    const SNAPSHOT_LAG: Duration = Duration::ZERO;
+
+    /// The server URL (any database on it), or `None` for SQLite: the
+    /// variable at run time, else its value when the tests were built.
+    /// Panics when neither is set: the test was required, not ignored.
+    fn server_url() -> Option<String>;
+
+    /// Runs `sql`, a query of one row with a `BIGINT` column `n`.
+    fn scalar(&mut self, sql: &str) -> QueryResult<i64>;
+
+    /// Runs `sql`, a query of rows with a `BIGINT` column `n`.
+    fn scalars(&mut self, sql: &str) -> QueryResult<Vec<i64>>;
+
+    /// Transactions open on this database in connections other than this one.
+    fn open_transactions_now(&mut self) -> QueryResult<i64>;
+
+    /// Drops database `name` from the admin connection `admin`.
+    fn drop_database(admin: &mut Self, name: &str) -> QueryResult<()> {
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+    }
+}
+
+/// A row with one `BIGINT` column `n`.
+#[derive(diesel::QueryableByName)]
+pub struct Scalar {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+macro_rules! scalar_queries {
+    () => {
+        fn scalar(&mut self, sql: &str) -> QueryResult<i64> {
+            use diesel::RunQueryDsl;
+            diesel::sql_query(sql)
+                .get_result::<Scalar>(self)
+                .map(|row| row.n)
+        }
+
+        fn scalars(&mut self, sql: &str) -> QueryResult<Vec<i64>> {
+            use diesel::RunQueryDsl;
+            Ok(diesel::sql_query(sql)
+                .load::<Scalar>(self)?
+                .into_iter()
+                .map(|row| row.n)
+                .collect())
+        }
+    };
+}
+
+/// `var` at run time, else `compiled` (its value at build time); a clear
+/// panic when neither is set.
+fn configured(var: &str, compiled: Option<&'static str>) -> String {
+    std::env::var(var)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .or_else(|| compiled.filter(|v| !v.is_empty()).map(str::to_owned))
+        .unwrap_or_else(|| {
+            panic!(
+                "{var} is not set, neither now nor when the tests were built, yet this test \
+                 was not ignored (CI=true or RUNSYNC_REQUIRE_ALL_BACKENDS=1 at build time, or \
+                 --ignored): set {var} to a server URL; tests create their own databases on it"
+            )
+        })
+}
+
+#[cfg(feature = "sqlite")]
+impl TestBackend for diesel::SqliteConnection {
+    const NAME: &'static str = "sqlite";
+    const BIGINT: &'static str = "BIGINT";
+    const SCHEMA: &'static str = "
+        CREATE TABLE items (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            unit INTEGER NOT NULL,
+            part INTEGER NOT NULL,
+            UNIQUE (unit, part)
+        );
+        CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL);
+        INSERT INTO counter (id, n) VALUES (1, 0);
+    ";
+
+    fn server_url() -> Option<String> {
+        None
+    }
+
+    scalar_queries!();
+
+    /// Whether a writer holds the database: a `BEGIN IMMEDIATE` from this
+    /// connection fails (every transaction of the engine begins IMMEDIATE).
+    fn open_transactions_now(&mut self) -> QueryResult<i64> {
+        self.batch_execute("PRAGMA busy_timeout = 100")?;
+        Ok(match self.batch_execute("BEGIN IMMEDIATE; ROLLBACK;") {
+            Ok(()) => 0,
+            Err(_) => 1,
+        })
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl TestBackend for diesel::PgConnection {
+    const NAME: &'static str = "postgres";
+    const BIGINT: &'static str = "BIGINT";
+    const SCHEMA: &'static str = "
+        CREATE TABLE items (
+            id SERIAL PRIMARY KEY,
+            unit INTEGER NOT NULL,
+            part INTEGER NOT NULL,
+            UNIQUE (unit, part)
+        );
+        CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL);
+        INSERT INTO counter (id, n) VALUES (1, 0);
+    ";
+    const COUNTER_ISOLATION: Option<&'static str> =
+        Some("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE");
+    const COUNTER_CONFLICTS: bool = true;
+
+    fn server_url() -> Option<String> {
+        Some(configured(
+            "PG_DATABASE_URL",
+            option_env!("PG_DATABASE_URL"),
+        ))
+    }
+
+    scalar_queries!();
+
+    fn open_transactions_now(&mut self) -> QueryResult<i64> {
+        self.scalar(
+            "SELECT CAST(count(*) AS BIGINT) AS n FROM pg_stat_activity \
+             WHERE datname = current_database() \
+             AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()",
+        )
+    }
+
+    fn drop_database(admin: &mut Self, name: &str) -> QueryResult<()> {
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    }
+}
+
+#[cfg(feature = "mysql")]
+impl TestBackend for diesel::MysqlConnection {
+    const NAME: &'static str = "mysql";
+    const BIGINT: &'static str = "SIGNED";
+    const SCHEMA: &'static str = "
+        CREATE TABLE items (
+            id INTEGER NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            unit INTEGER NOT NULL,
+            part INTEGER NOT NULL,
+            UNIQUE KEY unit_part (unit, part)
+        ) ENGINE = InnoDB;
+        CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL) ENGINE = InnoDB;
+        INSERT INTO counter (id, n) VALUES (1, 0);
+    ";
+    const COUNTER_LOCK: &'static str = " FOR UPDATE";
+    const SNAPSHOT_LAG: Duration = Duration::from_millis(150);
+
+    fn server_url() -> Option<String> {
+        Some(configured(
+            "MYSQL_DATABASE_URL",
+            option_env!("MYSQL_DATABASE_URL"),
+        ))
+    }
+
+    scalar_queries!();
+
+    fn open_transactions_now(&mut self) -> QueryResult<i64> {
+        self.scalar(
+            "SELECT CAST(count(*) AS SIGNED) AS n FROM information_schema.innodb_trx t \
+             JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id \
+             WHERE p.db = DATABASE() AND p.id <> CONNECTION_ID()",
+        )
+    }
+
+    /// Ends the connections still on the database first: `DROP DATABASE`
+    /// would wait (a day, by default) for a transaction one of them holds.
+    fn drop_database(admin: &mut Self, name: &str) -> QueryResult<()> {
+        let others = admin.scalars(&format!(
+            "SELECT CAST(id AS SIGNED) AS n FROM information_schema.processlist \
+             WHERE db = '{name}' AND id <> CONNECTION_ID()"
+        ))?;
+        for id in others {
+            let _ = admin.batch_execute(&format!("KILL {id}"));
+        }
+        admin.batch_execute(&format!(
+            "SET SESSION lock_wait_timeout = 30; DROP DATABASE IF EXISTS {name}"
+        ))
+    }
+}
+
+static DATABASES: AtomicUsize = AtomicUsize::new(0);
+
+/// `rs_<test>_<pid>_<n>`: unique in this process and among parallel runs.
+fn unique_name(test: &str) -> String {
+    let n = DATABASES.fetch_add(1, Ordering::Relaxed);
+    let clean: String = test
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(30)
+        .collect();
+    format!("rs_{clean}_{}_{n}", std::process::id())
+}
+
+/// Replaces the database name (the path) of a server URL, keeping its query.
+fn with_database(url: &str, name: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a server URL has a scheme");
+    let (authority, query) = match rest.split_once('/') {
+        Some((authority, path)) => (authority, path.split_once('?').map(|(_, q)| q)),
+        None => match rest.split_once('?') {
+            Some((authority, q)) => (authority, Some(q)),
+            None => (rest, None),
+        },
+    };
+    match query {
+        Some(q) => format!("{scheme}://{authority}/{name}?{q}"),
+        None => format!("{scheme}://{authority}/{name}"),
+    }
+}
+
+/// A plain synchronous connection to `url`, set up as the engine sets up
+/// its own (SQLite: WAL, busy timeout). Blocking.
+fn connect_blocking<C: TestBackend>(url: &str) -> C {
+    let parsed = DatabaseUrl::parse(url).unwrap_or_else(|e| panic!("{}: {e}", C::NAME));
+    C::connect(&parsed).unwrap_or_else(|e| panic!("{}: a direct connection: {e}", C::NAME))
+}
+
+/// A database private to one test, of backend `C`.
+pub struct TestDb<C: TestBackend> {
+    /// URL of the private database.
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    _backend: PhantomData<fn() -> C>,
+}
+
+/// Drops a server test database: awaited at the end of a test, or, if the
+/// test panicked first, in its own `Drop`.
+struct Cleanup<C: TestBackend> {
+    server: Option<(String, String)>,
+    _backend: PhantomData<fn() -> C>,
+}
+
+impl<C: TestBackend> Cleanup<C> {
+    fn drop_now(&mut self) {
+        let Some((admin_url, name)) = self.server.take() else {
+            return;
+        };
+        match C::establish(&admin_url) {
+            Ok(mut admin) => {
+                if let Err(e) = C::drop_database(&mut admin, &name) {
+                    eprintln!("{}: could not drop test database {name}: {e}", C::NAME);
+                }
+            }
+            Err(e) => eprintln!("{}: could not drop test database {name}: {e}", C::NAME),
+        }
+    }
+
+    async fn run(mut self) {
+        joined(tokio::task::spawn_blocking(move || self.drop_now()).await);
+    }
+}
+
+impl<C: TestBackend> Drop for Cleanup<C> {
+    fn drop(&mut self) {
+        self.drop_now();
+    }
+}
+
+/// A blocking helper's result; its panic, if it panicked, goes on as the
+/// test's own, with its message.
+fn joined<T>(result: Result<T, tokio::task::JoinError>) -> T {
+    match result {
+        Ok(value) => value,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("a blocking helper did not run: {e}"),
+    }
+}
+
+/// Runs one backend's instance of a test: creates its database, runs
+/// `body`, drops the database. What [`per_backend!`] expands to.
+pub async fn run<C, F, Fut>(test: &'static str, body: F)
+where
+    C: TestBackend,
+    F: FnOnce(TestDb<C>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let (db, cleanup) =
+        joined(tokio::task::spawn_blocking(move || TestDb::<C>::create(test)).await);
+    body(db).await;
+    cleanup.run().await;
+}
+
+impl<C: TestBackend> TestDb<C> {
+    /// Blocking: a fresh SQLite file, or a fresh database on the server.
+    fn create(test: &str) -> (TestDb<C>, Cleanup<C>) {
+        let name = unique_name(test);
+        let Some(admin_url) = C::server_url() else {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let url = dir.path().join(format!("{name}.db")).display().to_string();
+            let db = TestDb {
+                url,
+                _dir: Some(dir),
+                _backend: PhantomData,
+            };
+            let cleanup = Cleanup {
+                server: None,
+                _backend: PhantomData,
+            };
+            return (db, cleanup);
+        };
+        let mut admin = C::establish(&admin_url)
+            .unwrap_or_else(|e| panic!("{}: cannot connect to the server: {e}", C::NAME));
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap_or_else(|e| panic!("{}: cannot create test database {name}: {e}", C::NAME));
+        let db = TestDb {
+            url: with_database(&admin_url, &name),
+            _dir: None,
+            _backend: PhantomData,
+        };
+        let cleanup = Cleanup {
+            server: Some((admin_url, name)),
+            _backend: PhantomData,
+        };
+        (db, cleanup)
+    }
+
+    /// The backend's name, for assertion messages.
+    pub fn backend(&self) -> &'static str {
+        C::NAME
+    }
+
+    /// An engine on this database with `options` (no schema created).
+    pub async fn engine_with(&self, options: EngineOptions) -> Engine<C> {
+        Engine::connect(&self.url, options)
+            .await
+            .unwrap_or_else(|e| panic!("{}: engine: {e}", C::NAME))
+    }
+
+    /// An engine with default options, over the created schema.
+    pub async fn engine(&self) -> Engine<C> {
+        self.create_schema().await;
+        self.engine_with(EngineOptions::default()).await
+    }
+
+    /// An engine of `max_size` connections and checkout timeout `timeout`,
+    /// over the created schema.
+    pub async fn migrated_engine(&self, max_size: u32, timeout: Duration) -> Engine<C> {
+        self.create_schema().await;
+        self.engine_with(
+            EngineOptions::default()
+                .max_size(max_size)
+                .connection_timeout(timeout),
+        )
+        .await
+    }
+
+    /// Creates `items` and `counter`, over a direct connection.
+    pub async fn create_schema(&self) {
+        self.blocking(|c| c.batch_execute(C::SCHEMA))
+            .await
+            .unwrap_or_else(|e| panic!("{}: schema: {e}", C::NAME));
+    }
+
+    /// Runs `f` on a direct connection of its own, outside any pool, on
+    /// tokio's blocking pool.
+    pub async fn blocking<T, F>(&self, f: F) -> T
+    where
+        F: FnOnce(&mut C) -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let url = self.url.clone();
+        joined(tokio::task::spawn_blocking(move || f(&mut connect_blocking::<C>(&url))).await)
+    }
+
+    /// Committed rows of `items`.
+    pub async fn rows(&self) -> i64 {
+        self.blocking(|c| count_rows(c)).await.expect("count rows")
+    }
+
+    /// Units with at least one committed part.
+    pub async fn units(&self) -> i64 {
+        self.blocking(|c| count_units(c))
+            .await
+            .expect("count units")
+    }
+
+    /// Units committed with one part only (0 is the only right answer).
+    pub async fn partial_units(&self) -> i64 {
+        self.blocking(|c| partial_units_on(c))
+            .await
+            .expect("count partial units")
+    }
+
+    /// The counter's value.
+    pub async fn counter(&self) -> i64 {
+        self.blocking(|c| {
+            c.scalar(&format!(
+                "SELECT CAST(n AS {}) AS n FROM counter WHERE id = 1",
+                C::BIGINT
+            ))
+        })
+        .await
+        .expect("read the counter")
+    }
+
+    /// Transactions left open on this database by other connections (0 is
+    /// the only right answer). A connection the pool has just closed is
+    /// rolled back by the server as it notices, a little later; so a
+    /// non-zero count is looked at again for up to 3 s. A transaction
+    /// really left open in a live connection stays, and is counted.
+    pub async fn open_transactions(&self) -> i64 {
+        self.blocking(|c| {
+            let pause = C::SNAPSHOT_LAG.max(Duration::from_millis(100));
+            // Wait out the lag first, so the view is at least as new as this call.
+            std::thread::sleep(C::SNAPSHOT_LAG);
+            let started = std::time::Instant::now();
+            let mut count = c.open_transactions_now().expect("count open transactions");
+            while count != 0 && started.elapsed() < Duration::from_secs(3) {
+                std::thread::sleep(pause);
+                count = c.open_transactions_now().expect("count open transactions");
+            }
+            count
+        })
+        .await
+    }
+}
+
+/// A closure's error type of the tests' own, as an application would
+/// write it: anything `From<Error>` can pass through `run_sync`.
+#[derive(Debug)]
+pub enum TestError {
+    Session(Error),
+    Database(diesel::result::Error),
+    Check(String),
+}
+
+impl From<Error> for TestError {
+    fn from(e: Error) -> Self {
+        TestError::Session(e)
+    }
+}
+
+impl From<diesel::result::Error> for TestError {
+    /// A facade error that travelled inside a Diesel error comes back as itself.
+    fn from(e: diesel::result::Error) -> Self {
+        match Error::from(e) {
+            Error::Database(e) => TestError::Database(e),
+            other => TestError::Session(other),
+        }
+    }
+}
+
+impl std::fmt::Display for TestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TestError::Session(e) => write!(f, "{e}"),
+            TestError::Database(e) => write!(f, "{e}"),
+            TestError::Check(m) => write!(f, "check failed: {m}"),
+        }
+    }
+}
+
+static UNITS: AtomicI32 = AtomicI32::new(1);
+
+/// A unit number not used before in this process.
+pub fn next_unit() -> i32 {
+    UNITS.fetch_add(1, Ordering::Relaxed)
+}
+
+/// One part of a unit: one row.
+pub fn insert_part<C: TestBackend>(c: &mut C, unit: i32, part: i32) -> QueryResult<()> {
+    c.batch_execute(&format!(
+        "INSERT INTO items (unit, part) VALUES ({unit}, {part})"
+    ))
+}
+
+/// A whole unit in one closure: parts 0 and 1.
+pub fn insert_unit<C: TestBackend>(c: &mut C, unit: i32) -> QueryResult<()> {
+    insert_part(c, unit, 0)?;
+    insert_part(c, unit, 1)
+}
+
+/// Rows of `items` this connection sees.
+pub fn count_rows<C: TestBackend>(c: &mut C) -> QueryResult<i64> {
+    c.scalar(&format!(
+        "SELECT CAST(count(*) AS {}) AS n FROM items",
+        C::BIGINT
+    ))
+}
+
+/// Distinct units this connection sees.
+pub fn count_units<C: TestBackend>(c: &mut C) -> QueryResult<i64> {
+    c.scalar(&format!(
+        "SELECT CAST(count(DISTINCT unit) AS {}) AS n FROM items",
+        C::BIGINT
+    ))
+}
+
+/// Units this connection sees with a part count other than 2.
+pub fn partial_units_on<C: TestBackend>(c: &mut C) -> QueryResult<i64> {
+    c.scalar(&format!(
+        "SELECT CAST(count(*) AS {}) AS n FROM \
+         (SELECT unit FROM items GROUP BY unit HAVING count(*) <> 2) partial",
+        C::BIGINT
+    ))
+}
+
+/// One whole unit through a session, in two `run_sync` calls (part 0,
+/// then part 1); returns its number.
+pub async fn unit<C: TestBackend>(session: &mut AsyncSession<C>) -> Result<i32, TestError> {
+    let unit = next_unit();
+    session.run_sync(move |c| insert_part(c, unit, 0)).await?;
+    session.run_sync(move |c| insert_part(c, unit, 1)).await?;
+    Ok(unit)
+}
+
+/// Waits (up to 10 s) until every open pooled connection is idle again:
+/// the blocking tasks of cancelled futures have finished.
+pub async fn settle<C: TestBackend>(engine: &Engine<C>) {
+    for _ in 0..200 {
+        let status = engine.status();
+        if status.idle == status.connections {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{}: pool did not settle: {:?}", C::NAME, engine.status());
+}
+
+/// Polls `future` at most `polls` times, yielding to the runtime between
+/// polls, then drops it if it has not finished: a cancellation at whatever
+/// await it had reached. Returns its output, if any, and the polls made.
+pub async fn poll_at_most<F: Future>(future: F, polls: u64) -> (Option<F::Output>, u64) {
+    let mut future = std::pin::pin!(future);
+    let mut made = 0;
+    while made < polls {
+        made += 1;
+        let poll =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(future.as_mut().poll(cx))).await;
+        if let std::task::Poll::Ready(output) = poll {
+            return (Some(output), made);
+        }
+        tokio::task::yield_now().await;
+    }
+    (None, made)
+}
+
+/// A xorshift step: reproducible pseudo-random numbers.
+pub fn next_random(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+/// `per_backend!(name)` (current-thread runtime) or
+/// `per_backend!(name, multi_thread)` (two workers), next to
+/// `async fn name<C: TestBackend>(db: TestDb<C>)`: the tests `name::sqlite`,
+/// `name::postgres` and `name::mysql`. One whose backend is not built in, or
+/// whose server URL was unset at build time, is ignored, never passed.
+macro_rules! per_backend {
+    ($test:ident) => {
+        $crate::common::per_backend!(@emit $test, []);
+    };
+    ($test:ident, multi_thread) => {
+        $crate::common::per_backend!(@emit $test, [flavor = "multi_thread", worker_threads = 2]);
+    };
+    (@emit $test:ident, [$($runtime:tt)*]) => {
+        mod $test {
+            #[tokio::test($($runtime)*)]
+            #[cfg_attr(not(feature = "sqlite"), ignore = "built without the sqlite feature")]
+            async fn sqlite() {
+                #[cfg(feature = "sqlite")]
+                $crate::common::run(stringify!($test), super::$test::<diesel::SqliteConnection>)
+                    .await;
+            }
+
+            #[tokio::test($($runtime)*)]
+            #[cfg_attr(not(feature = "postgres"), ignore = "built without the postgres feature")]
+            #[cfg_attr(
+                all(feature = "postgres", runsync_skip_postgres),
+                ignore = "PG_DATABASE_URL is not set"
+            )]
+            async fn postgres() {
+                #[cfg(feature = "postgres")]
+                $crate::common::run(stringify!($test), super::$test::<diesel::PgConnection>)
+                    .await;
+            }
+
+            #[tokio::test($($runtime)*)]
+            #[cfg_attr(not(feature = "mysql"), ignore = "built without the mysql feature")]
+            #[cfg_attr(
+                all(feature = "mysql", runsync_skip_mysql),
+                ignore = "MYSQL_DATABASE_URL is not set"
+            )]
+            async fn mysql() {
+                #[cfg(feature = "mysql")]
+                $crate::common::run(stringify!($test), super::$test::<diesel::MysqlConnection>)
+                    .await;
+            }
+        }
+    };
+}
+pub(crate) use per_backend;
