@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Plot W(N) time against N for each implementation, one panel per backend.
 
-Reads the JSON lines the benchmark prints (bench/results/*.jsonl by default;
-other files or globs as arguments), keeps the per-run phase records (lines
-without a "summary" key), takes the median over runs of one phase (`total`
-by default) for each (backend, impl, N), and writes bench/time_vs_n.png.
+Reads the JSON lines the benchmark prints (by default
+bench/results/workload.jsonl and bench/results/n100000-rss.jsonl, which the
+commands in BENCHMARKS.md write; other files or globs as arguments), keeps
+the per-run phase records (lines without a "summary" key), takes the median
+over runs of one phase (`total` by default) for each (backend, impl, N), and
+writes bench/time_vs_n.png. Needs matplotlib.
 
-    python3 bench/plot.py                       # bench/results/*.jsonl
+    python3 bench/plot.py                       # the two default files
     python3 bench/plot.py --phase run_sync_lazy out.jsonl --output lazy.png
 """
 
@@ -67,7 +69,10 @@ def main():
         if rec["phase"] == args.phase:
             samples[(rec["backend"], rec["impl"], rec["n"])].append(rec["seconds"])
     if not samples:
-        raise SystemExit(f"no '{args.phase}' records in {args.inputs}")
+        raise SystemExit(
+            f"no '{args.phase}' records in {args.inputs} "
+            "(the commands in BENCHMARKS.md write bench/results/)"
+        )
 
     backends = [b for b in BACKENDS if any(k[0] == b for k in samples)]
     fig, axes = plt.subplots(1, len(backends), figsize=(5.2 * len(backends), 4.4), squeeze=False)

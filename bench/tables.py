@@ -3,7 +3,8 @@
 
     python3 bench/tables.py bench/results/workload.jsonl
 
-Per backend and N: the median seconds of each phase per implementation
+(bench/results/ is written by the commands in BENCHMARKS.md; any file of the
+bench's stdout works.) Per backend and N: the median seconds of each phase per implementation
 (statements in parentheses), then the same-run ratios: the median of the
 per-run ratios, the ratio of the medians, and the ratio of the minimums
 (the least noise-sensitive of the three on a shared machine).
@@ -64,4 +65,6 @@ def main(paths):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit(f"usage: {sys.argv[0]} FILE.jsonl... (the bench's stdout)")
     main(sys.argv[1:])

@@ -20,9 +20,10 @@ use diesel_async::pg::AsyncPgConnection;
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AnsiTransactionManager, TransactionManager};
 use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl, SimpleAsyncConnection};
-use diesel_runsync::demo::models::{A, B, Family, NewA, NewB};
-use diesel_runsync::demo::queries::{CHILD_BATCH, EAGER_BATCH, PARENT_BATCH};
-use diesel_runsync::demo::schema::{a, b};
+use diesel_runsync::PoolableConnection;
+use greenlet_orm::models::{A, B, Family, NewA, NewB};
+use greenlet_orm::queries::{CHILD_BATCH, EAGER_BATCH, PARENT_BATCH};
+use greenlet_orm::schema::{a, b};
 
 use crate::count::Counter;
 use crate::sync_impls::check_verified;
@@ -53,12 +54,12 @@ macro_rules! migration_sql {
     ($backend:literal) => {
         (
             include_str!(concat!(
-                "../../../migrations/",
+                "../../migrations/",
                 $backend,
                 "/2024-01-01-000000_create_a_b/up.sql"
             )),
             include_str!(concat!(
-                "../../../migrations/",
+                "../../migrations/",
                 $backend,
                 "/2024-01-01-000000_create_a_b/down.sql"
             )),
@@ -66,37 +67,38 @@ macro_rules! migration_sql {
     };
 }
 
-/// The migration of `backend`, its version read from the embedded one.
-/// The versions of the embedded migrations in `source`, as `backend` DB sees them.
-fn versions<DB: diesel::backend::Backend>(
-    source: &diesel_migrations::EmbeddedMigrations,
-) -> anyhow::Result<Vec<String>>
+/// The versions of the migrations in `source` (the embedded ones of
+/// greenlet-orm), as backend `DB` sees them.
+fn versions<DB, S>(source: &S) -> anyhow::Result<Vec<String>>
 where
-    diesel_migrations::EmbeddedMigrations: diesel::migration::MigrationSource<DB>,
+    DB: diesel::backend::Backend,
+    S: diesel::migration::MigrationSource<DB>,
 {
-    use diesel::migration::MigrationSource;
-    Ok(MigrationSource::<DB>::migrations(source)
+    Ok(source
+        .migrations()
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .iter()
         .map(|m| m.name().version().to_string())
         .collect())
 }
 
+/// The migration of `backend`, its version read from the embedded one.
 pub fn migration(backend: diesel_runsync::Backend) -> anyhow::Result<Migration> {
     use diesel_runsync::Backend;
-    use diesel_runsync::demo::migrations::for_backend;
-    let source = for_backend(backend);
+    use greenlet_orm::migrations::for_backend;
+    let source = for_backend(backend)
+        .with_context(|| format!("greenlet-orm is built without {}", backend.name()))?;
     let (versions, (up, down)) = match backend {
         Backend::Postgres => (
-            versions::<diesel::pg::Pg>(&source)?,
+            versions::<diesel::pg::Pg, _>(&source)?,
             migration_sql!("postgres"),
         ),
         Backend::Mysql => (
-            versions::<diesel::mysql::Mysql>(&source)?,
+            versions::<diesel::mysql::Mysql, _>(&source)?,
             migration_sql!("mysql"),
         ),
         Backend::Sqlite => (
-            versions::<diesel::sqlite::Sqlite>(&source)?,
+            versions::<diesel::sqlite::Sqlite, _>(&source)?,
             migration_sql!("sqlite"),
         ),
     };
@@ -147,7 +149,7 @@ where
 
 /// `BEGIN IMMEDIATE`, as the facade does on SQLite (one blocking hop).
 async fn begin_sqlite(conn: &mut AsyncSqliteConnection) -> QueryResult<()> {
-    conn.spawn_blocking(diesel_runsync::facade::manager::begin_immediate)
+    conn.spawn_blocking(<diesel::SqliteConnection as PoolableConnection>::begin_outer_transaction)
         .await
 }
 
@@ -268,7 +270,7 @@ macro_rules! workload_for {
             timer.start();
             let mut conn: Conn = $connect(url).await.context("diesel-async: connect")?;
             timer.stop_uncounted("connect");
-            conn.set_instrumentation(counter.instrumentation(None));
+            conn.set_instrumentation(counter.instrumentation());
 
             // schema
             timer.start();

@@ -1,8 +1,9 @@
-//! The workload benchmark of issue 4: W(N) (`../shared/WORKLOAD.md`) run by
-//! three implementations in the same process, run after run:
+//! The W(N) workload benchmark: W(N) (defined in `bench/WORKLOAD.md`) run
+//! by three implementations in the same process, run after run:
 //!
-//! - `facade`: this crate's `Engine` + `AsyncSession::run_sync` with the
-//!   sync core of `diesel_runsync::demo`;
+//! - `facade`: diesel-runsync's `Engine` + `AsyncSession::run_sync` with the
+//!   sync core of the `greenlet-orm` library (`greenlet_orm::queries`,
+//!   `greenlet_orm::migrations`);
 //! - `sync`: the same functions on a raw connection, one thread, no tokio;
 //! - `diesel-async`: the same work with `diesel_async::RunQueryDsl`.
 //!
@@ -12,18 +13,13 @@
 //! `--rss` the peak resident set. See BENCHMARKS.md.
 //!
 //! ```text
-//! cargo run --release --bin bench -- --n 10000 --backend postgres --runs 5
+//! cargo run -p runsync-bench --release --bin bench -- --n 10000 --backend postgres --runs 5
 //! ```
 
-#[path = "bench/async_impl.rs"]
 mod async_impl;
-#[path = "bench/count.rs"]
 mod count;
-#[path = "bench/figures.rs"]
 mod figures;
-#[path = "bench/stats.rs"]
 mod stats;
-#[path = "bench/sync_impls.rs"]
 mod sync_impls;
 
 use std::collections::BTreeMap;
@@ -35,9 +31,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use diesel::connection::SimpleConnection;
-use diesel_runsync::demo::AnyConnection;
-use diesel_runsync::demo::queries::workload_families;
 use diesel_runsync::{Backend, DatabaseUrl, PoolableConnection};
+use greenlet_orm::AnyConnection;
+use greenlet_orm::queries::workload_families;
 
 use crate::count::Counter;
 use crate::stats::{median, micros, percentile};
@@ -182,7 +178,7 @@ impl Impl {
 /// One timed phase.
 #[derive(Debug, Clone)]
 pub struct Phase {
-    /// Phase name from WORKLOAD.md.
+    /// Phase name from `bench/WORKLOAD.md`.
     pub name: &'static str,
     /// Wall time.
     pub seconds: f64,
@@ -369,7 +365,7 @@ fn clean(url: &str) -> anyhow::Result<()> {
     conn.batch_execute("DROP TABLE IF EXISTS __diesel_schema_migrations")?;
     // Leave the schema migrated, so every schema phase, the first included,
     // reverts and re-applies the migration.
-    diesel_runsync::demo::migrations::create_all(&mut conn)?;
+    greenlet_orm::migrations::create_all(&mut conn)?;
     Ok(())
 }
 

@@ -1,5 +1,5 @@
-//! The `facade` and `sync` implementations of W(N): the project's sync core
-//! (`diesel_runsync::demo::queries`, `demo::migrations`) unchanged, once
+//! The `facade` and `sync` implementations of W(N): the program's sync core
+//! (`greenlet_orm::queries`, `greenlet_orm::migrations`) unchanged, once
 //! through `AsyncSession::run_sync` and once on a raw connection on this
 //! thread. Only `diesel::RunQueryDsl` is in scope here.
 
@@ -8,14 +8,13 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use diesel::connection::TransactionManager;
 use diesel::prelude::*;
-use diesel_runsync::demo::migrations::{create_all, drop_all};
-use diesel_runsync::demo::models::{A, Family};
-use diesel_runsync::demo::program::reset_schema;
-use diesel_runsync::demo::queries::{Counts, insert_families, run_queries, run_queries_eager};
-use diesel_runsync::demo::schema::a;
-use diesel_runsync::demo::{AnyConnection, DemoError};
-use diesel_runsync::facade::SqlEcho;
 use diesel_runsync::{DatabaseUrl, Engine, EngineOptions, PoolableConnection};
+use greenlet_orm::migrations::{create_all, drop_all};
+use greenlet_orm::models::{A, Family};
+use greenlet_orm::program::reset_schema;
+use greenlet_orm::queries::{Counts, insert_families, run_queries, run_queries_eager};
+use greenlet_orm::schema::a;
+use greenlet_orm::{AnyConnection, DemoError};
 
 use crate::count::Counter;
 use crate::{Phase, PhaseTimer, expected_children};
@@ -33,7 +32,7 @@ fn check_counts(counts: Counts, n: usize) -> Result<Counts, DemoError> {
 
 /// The `verify` phase's checks, as sync Diesel code.
 pub fn verify(conn: &mut AnyConnection, n: usize) -> Result<(), DemoError> {
-    let (parents, children) = diesel_runsync::demo::queries::count_rows(conn)?;
+    let (parents, children) = greenlet_orm::queries::count_rows(conn)?;
     let new_data: Vec<i32> = a::table
         .filter(a::data.eq("new data"))
         .select(a::id)
@@ -65,7 +64,7 @@ pub fn check_verified(
 }
 
 /// The facade: `Engine` + `AsyncSession::run_sync`, each phase in a fresh
-/// session, as `demo::program` does it.
+/// session, as `greenlet_orm::program` does it.
 pub async fn facade(
     url: &str,
     n: usize,
@@ -74,20 +73,20 @@ pub async fn facade(
     pool_size: u32,
 ) -> anyhow::Result<Vec<Phase>> {
     let mut timer = PhaseTimer::new(counter.clone());
-    let options = EngineOptions {
-        max_size: pool_size,
-        ..EngineOptions::default()
-    };
+    let options = EngineOptions::default().max_size(pool_size);
     timer.start();
     let engine = Engine::<AnyConnection>::connect(url, options)
         .await
         .context("facade: connect")?;
     timer.stop_uncounted("connect");
 
-    // Untimed: count on the pool's one connection, keeping its SqlEcho. The
-    // phases run one session after another, so they all get this connection
-    // (checked below).
-    let instrumentation = counter.instrumentation(Some(SqlEcho::new(false)));
+    // Untimed (between `connect` and `schema`): count on the pool's one
+    // connection. The phases run one session after another, so they all get
+    // this connection (checked below). The counter replaces the engine's own
+    // statement echo on it for the rest of the run (see `count.rs`), so the
+    // facade's phases carry the same instrumentation as the other
+    // implementations'.
+    let instrumentation = counter.instrumentation();
     let mut session = engine.session();
     session
         .run_sync(move |conn| {
@@ -184,7 +183,7 @@ pub fn sync(
     timer.start();
     let mut conn = <AnyConnection as PoolableConnection>::connect(&url).context("sync: connect")?;
     timer.stop_uncounted("connect");
-    conn.set_instrumentation(counter.instrumentation(None));
+    conn.set_instrumentation(counter.instrumentation());
 
     timer.start();
     in_transaction(&mut conn, |c| {
@@ -222,7 +221,7 @@ pub fn sync(
 /// `n` workload parents (ids 1..=n) and their children.
 pub fn prepare_rows(url: &str, n: usize) -> anyhow::Result<()> {
     let mut conn = <AnyConnection as PoolableConnection>::connect(&DatabaseUrl::parse(url)?)?;
-    let families = diesel_runsync::demo::queries::workload_families(n);
+    let families = greenlet_orm::queries::workload_families(n);
     in_transaction(&mut conn, |c| {
         drop_all(c)?;
         create_all(c)
