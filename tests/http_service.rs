@@ -1,6 +1,6 @@
 //! Drives `examples/http_service.rs` over HTTP on loopback: the example's
-//! router, served in-process on 127.0.0.1:0 over a temporary SQLite file,
-//! with a minimal HTTP/1.1 client on a plain `TcpStream`.
+//! router, served in-process on 127.0.0.1:0 over a test database of each
+//! backend, with a minimal HTTP/1.1 client on a plain `TcpStream`.
 
 mod common;
 
@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use common::TestDb;
+use common::{TestDb, per_backend};
 
 /// A response: status code, headers (names lowercased) and body.
 struct Reply {
@@ -104,9 +104,11 @@ fn dechunk(mut rest: &str) -> String {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serves_parents_over_http_and_shuts_down_gracefully() {
-    let db = TestDb::sqlite("http_service");
+per_backend!(
+    serves_parents_over_http_and_shuts_down_gracefully,
+    multi_thread
+);
+async fn serves_parents_over_http_and_shuts_down_gracefully(db: TestDb) {
     let options = EngineOptions::default().max_size(2);
     let engine = service::connect(&db.url, options)
         .await
@@ -122,7 +124,7 @@ async fn serves_parents_over_http_and_shuts_down_gracefully() {
     assert_eq!(health.status, 200, "{}", health.body);
     let health = health.json();
     assert_eq!(health["status"], "ok");
-    assert_eq!(health["backend"], "sqlite");
+    assert_eq!(health["backend"], db.backend.name());
     assert!(
         health["pool"]["connections"].as_u64().unwrap() >= 1,
         "{health}"
@@ -193,8 +195,7 @@ async fn serves_parents_over_http_and_shuts_down_gracefully() {
     }
 
     // The rows a user would find in the database.
-    let mut conn = db.connect();
-    let (parents, children) = all_rows(&mut conn).unwrap();
+    let (parents, children) = db.with_connection(|c| all_rows(c).unwrap()).await;
     assert_eq!((parents.len(), children.len()), (10, 10));
     assert_eq!(parents[0].data.as_deref(), Some("a1"));
     assert_eq!(children[1].data.as_deref(), Some("x"));

@@ -3,33 +3,36 @@
 //! never commit part of a unit. Each test starts a throwaway server of its
 //! own (a PostgreSQL cluster with `initdb` + `pg_ctl`, a MariaDB with
 //! `mariadb-install-db` + `mariadbd`) on a free port in a temporary
-//! directory, never the shared one. Needs root (servers run as their
-//! system users); skipped with a notice otherwise, unless every backend is
-//! required (CI).
+//! directory, never the shared one.
+//!
+//! The tests are `restarts_lose_nothing_and_recover::postgres` and
+//! `::mysql` (MariaDB), ignored like every other test of their backend:
+//! when its URL variable was unset at build time, or its cargo feature is
+//! off. When they run they need root (the servers run as their system
+//! users) and the server binaries, and fail saying so if either is missing.
 
 mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{insert_children, insert_parent, partial_units_on, required};
+use common::{Flavor, blocking, insert_children, insert_parent, partial_units_on, runtime};
 use diesel::prelude::*;
-use greenlet_orm::{AnyConnection, DemoError};
 use diesel_runsync::{AsyncSession, DatabaseUrl, Engine, EngineOptions, PoolableConnection};
+use greenlet_orm::{AnyConnection, DemoError};
 
 const RESTARTS: usize = 3;
 const RECOVERY_BOUND: Duration = Duration::from_secs(5);
 
-fn skip_or_fail(why: &str) -> Option<Throwaway> {
-    if required() {
-        panic!("cannot start a throwaway server: {why}");
-    }
-    let _ = writeln!(std::io::stderr(), "SKIPPED restart test: {why}");
-    None
+fn unavailable(why: &str) -> ! {
+    panic!(
+        "cannot start a throwaway server: {why} (this test runs with its backend's other \
+         tests; `cargo test -- --skip restarts_lose_nothing_and_recover` leaves it out)"
+    )
 }
 
 fn free_port() -> u16 {
@@ -75,9 +78,9 @@ struct Throwaway {
 }
 
 impl Throwaway {
-    fn postgres() -> Option<Throwaway> {
+    fn postgres() -> Throwaway {
         if !is_root() {
-            return skip_or_fail("not running as root");
+            unavailable("not running as root");
         }
         let Some(bin) = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
@@ -86,7 +89,7 @@ impl Throwaway {
             .map(|v| v.path().join("bin"))
             .filter(|bin| bin.join("initdb").exists())
         else {
-            return skip_or_fail("initdb not found under /usr/lib/postgresql");
+            unavailable("initdb not found under /usr/lib/postgresql");
         };
         let dir = tempfile::Builder::new()
             .prefix("rs-pg-")
@@ -104,15 +107,15 @@ impl Throwaway {
             port: free_port(),
         };
         server.start();
-        Some(server)
+        server
     }
 
-    fn mariadb() -> Option<Throwaway> {
+    fn mariadb() -> Throwaway {
         if !is_root() {
-            return skip_or_fail("not running as root");
+            unavailable("not running as root");
         }
         if !Path::new("/usr/sbin/mariadbd").exists() {
-            return skip_or_fail("/usr/sbin/mariadbd not found");
+            unavailable("/usr/sbin/mariadbd not found");
         }
         let dir = tempfile::Builder::new()
             .prefix("rs-my-")
@@ -137,7 +140,7 @@ impl Throwaway {
         diesel::sql_query("CREATE DATABASE test")
             .execute(&mut conn)
             .unwrap();
-        Some(server)
+        server
     }
 
     fn url(&self) -> String {
@@ -247,16 +250,23 @@ async fn unit(engine: &Engine<AnyConnection>) -> Result<(), DemoError> {
     Ok(())
 }
 
-async fn survive_restarts(mut server: Throwaway, name: &str) {
+/// Stops or restarts the server on the blocking pool.
+async fn on_server(server: &Arc<Mutex<Throwaway>>, action: fn(&mut Throwaway)) {
+    let server = server.clone();
+    blocking(move || action(&mut server.lock().unwrap())).await;
+}
+
+async fn survive_restarts(server: Arc<Mutex<Throwaway>>, name: &str) {
+    let url = server.lock().unwrap().url();
     let engine = Engine::<AnyConnection>::connect(
-        &server.url(),
-        EngineOptions::default().max_size(4).connection_timeout(Duration::from_secs(1)),
+        &url,
+        EngineOptions::default()
+            .max_size(4)
+            .connection_timeout(Duration::from_secs(1)),
     )
     .await
     .unwrap();
-    greenlet_orm::program::reset_schema(&engine)
-        .await
-        .unwrap();
+    greenlet_orm::program::reset_schema(&engine).await.unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -280,13 +290,13 @@ async fn survive_restarts(mut server: Throwaway, name: &str) {
     for _ in 0..RESTARTS {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let failed_before = failed.load(Ordering::Relaxed);
-        tokio::task::block_in_place(|| server.stop());
+        on_server(&server, Throwaway::stop).await;
         tokio::time::sleep(Duration::from_millis(700)).await;
         assert!(
             failed.load(Ordering::Relaxed) > failed_before,
             "{name}: sessions must fail while the server is down"
         );
-        tokio::task::block_in_place(|| server.restart());
+        on_server(&server, Throwaway::restart).await;
         let up = Instant::now();
         loop {
             if unit(&engine).await.is_ok() {
@@ -304,9 +314,13 @@ async fn survive_restarts(mut server: Throwaway, name: &str) {
     for w in workers {
         w.await.unwrap();
     }
-    let mut conn =
-        server.connect_retrying(&server.url().replace(&server.port.to_string(), "{port}"));
-    let partial = partial_units_on(&mut conn, 2);
+    let partial = blocking(move || {
+        let server = server.lock().unwrap();
+        let mut conn =
+            server.connect_retrying(&server.url().replace(&server.port.to_string(), "{port}"));
+        partial_units_on(&mut conn, 2)
+    })
+    .await;
     let _ = writeln!(
         std::io::stderr(),
         "FIGURE restart {name}: restarts={RESTARTS} units_ok={} units_failed={} worst_recovery_seconds={:.2} partial_units={partial}",
@@ -318,16 +332,46 @@ async fn survive_restarts(mut server: Throwaway, name: &str) {
     assert!(worst < RECOVERY_BOUND, "{name}: recovered in {worst:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_restarts_lose_nothing_and_recover() {
-    if let Some(server) = tokio::task::block_in_place(Throwaway::postgres) {
-        survive_restarts(server, "postgres").await;
-    }
+/// Starts the server (blocking, before the runtime), runs the test on a
+/// 2-worker runtime, and stops the server once the runtime is gone (also
+/// when the test panics).
+fn restarts(start: fn() -> Throwaway, name: &str) {
+    let server = Arc::new(Mutex::new(start()));
+    let runtime = runtime(Flavor::MultiThread);
+    runtime.block_on(survive_restarts(server.clone(), name));
+    drop(runtime);
+    drop(server);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mariadb_restarts_lose_nothing_and_recover() {
-    if let Some(server) = tokio::task::block_in_place(Throwaway::mariadb) {
-        survive_restarts(server, "mariadb").await;
+/// One test per backend, named like [`per_backend!`](common::per_backend)'s
+/// and ignored under the same conditions, but on a throwaway server of
+/// its own instead of a database on the shared one.
+mod restarts_lose_nothing_and_recover {
+    use super::{Throwaway, restarts};
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "postgres"),
+        ignore = "built without the `postgres` feature"
+    )]
+    #[cfg_attr(
+        all(feature = "postgres", runsync_skip_postgres),
+        ignore = "PG_DATABASE_URL is not set (PostgreSQL tests are off)"
+    )]
+    fn postgres() {
+        restarts(Throwaway::postgres, "postgres");
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "mysql"),
+        ignore = "built without the `mysql` feature (cargo test --features mysql)"
+    )]
+    #[cfg_attr(
+        all(feature = "mysql", runsync_skip_mysql),
+        ignore = "MYSQL_DATABASE_URL is not set (MySQL tests are off)"
+    )]
+    fn mysql() {
+        restarts(Throwaway::mariadb, "mariadb");
     }
 }

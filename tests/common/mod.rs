@@ -1,27 +1,195 @@
-//! Test databases: each test gets its own SQLite file, PostgreSQL database
-//! or MySQL database, dropped when the test ends, so tests run in parallel.
+//! Test databases and the per-backend test macro.
 //!
-//! PostgreSQL and MySQL tests run when `PG_DATABASE_URL` / `MYSQL_DATABASE_URL`
-//! name a server (any database on it; tests create their own). When unset
-//! they are skipped with a notice on stderr, unless `RUNSYNC_REQUIRE_ALL_BACKENDS=1`
-//! or `CI=true`, where a missing backend fails the test.
-#![allow(dead_code)]
+//! Each test gets its own SQLite file, PostgreSQL database or MySQL
+//! database, dropped when the test ends, so tests run in parallel.
+//!
+//! A test that touches a database exists once per backend, as
+//! `name::sqlite`, `name::postgres` and `name::mysql` (see [`per_backend!`]),
+//! so a failure names its backend and `cargo test postgres` picks one. A
+//! server backend's test is *ignored* (never passed) when its URL variable
+//! (`PG_DATABASE_URL`, `MYSQL_DATABASE_URL`) was unset at build time
+//! (`runsync/build.rs` sets `runsync_skip_postgres` / `runsync_skip_mysql`,
+//! except under `CI=true` or `RUNSYNC_REQUIRE_ALL_BACKENDS=1`, where a
+//! missing URL fails the test), and when its backend's cargo feature is
+//! off (MySQL by default).
+//!
+//! Blocking work (direct connections, counting open transactions, child
+//! processes, sleeps) goes through [`blocking`] or the async methods of
+//! [`TestDb`] in async tests, never straight on a runtime thread.
+#![allow(dead_code, unused_imports, unused_macros)]
 
-use std::io::Write;
+use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
+use diesel_runsync::{Backend, Engine, EngineOptions};
 use greenlet_orm::queries::insert_families;
 use greenlet_orm::schema::b;
 use greenlet_orm::{AnyConnection, DemoError, Family, NewB};
-use diesel_runsync::{Backend, Engine, EngineOptions};
 
-/// A database private to one test.
+/// One test per backend for the function `name` next to it:
+///
+/// ```ignore
+/// per_backend!(commits_are_durable);             // async, current-thread runtime
+/// async fn commits_are_durable(db: TestDb) { ... }
+///
+/// per_backend!(contention, multi_thread);        // async, 2 worker threads
+/// per_backend!(migrations_go_up_and_down, sync); // fn(db: TestDb), no runtime
+/// per_backend!(wrong_credentials, sync, [postgres, mysql]); // some backends only
+/// ```
+///
+/// expands to `mod name { #[test] fn sqlite() ..., fn postgres() ..., fn mysql() ... }`
+/// (module and function share the name: different namespaces). Each test
+/// creates its [`TestDb`] before the runtime starts and drops it (the
+/// server's `DROP DATABASE`) after the runtime is gone, so the async test
+/// body itself never blocks on them.
+macro_rules! per_backend {
+    ($name:ident) => {
+        $crate::common::per_backend!($name, current_thread, [sqlite, postgres, mysql]);
+    };
+    ($name:ident, [$($backend:ident),+ $(,)?]) => {
+        $crate::common::per_backend!($name, current_thread, [$($backend),+]);
+    };
+    ($name:ident, $kind:ident) => {
+        $crate::common::per_backend!($name, $kind, [sqlite, postgres, mysql]);
+    };
+    ($name:ident, $kind:ident, [$($backend:ident),+ $(,)?]) => {
+        mod $name {
+            $( $crate::common::per_backend!(@backend $name, $kind, $backend); )+
+        }
+    };
+    (@backend $name:ident, $kind:ident, sqlite) => {
+        $crate::common::per_backend!(@test $name, $kind, sqlite, Sqlite,);
+    };
+    (@backend $name:ident, $kind:ident, postgres) => {
+        $crate::common::per_backend!(@test $name, $kind, postgres, Postgres,
+            #[cfg_attr(not(feature = "postgres"), ignore = "built without the `postgres` feature")]
+            #[cfg_attr(
+                all(feature = "postgres", runsync_skip_postgres),
+                ignore = "PG_DATABASE_URL is not set"
+            )]
+        );
+    };
+    (@backend $name:ident, $kind:ident, mysql) => {
+        $crate::common::per_backend!(@test $name, $kind, mysql, Mysql,
+            #[cfg_attr(
+                not(feature = "mysql"),
+                ignore = "built without the `mysql` feature (cargo test --features mysql)"
+            )]
+            #[cfg_attr(
+                all(feature = "mysql", runsync_skip_mysql),
+                ignore = "MYSQL_DATABASE_URL is not set"
+            )]
+        );
+    };
+    (@test $name:ident, sync, $backend:ident, $variant:ident, $(#[$attr:meta])*) => {
+        #[test]
+        $(#[$attr])*
+        fn $backend() {
+            let db = $crate::common::TestDb::new(
+                ::diesel_runsync::Backend::$variant,
+                stringify!($name),
+            );
+            super::$name(db);
+        }
+    };
+    (@test $name:ident, current_thread, $backend:ident, $variant:ident, $(#[$attr:meta])*) => {
+        #[test]
+        $(#[$attr])*
+        fn $backend() {
+            $crate::common::run_async(
+                $crate::common::Flavor::CurrentThread,
+                ::diesel_runsync::Backend::$variant,
+                stringify!($name),
+                super::$name,
+            );
+        }
+    };
+    (@test $name:ident, multi_thread, $backend:ident, $variant:ident, $(#[$attr:meta])*) => {
+        #[test]
+        $(#[$attr])*
+        fn $backend() {
+            $crate::common::run_async(
+                $crate::common::Flavor::MultiThread,
+                ::diesel_runsync::Backend::$variant,
+                stringify!($name),
+                super::$name,
+            );
+        }
+    };
+}
+pub(crate) use per_backend;
+
+/// The runtime an async test runs on.
+#[derive(Clone, Copy, Debug)]
+pub enum Flavor {
+    /// `#[tokio::test]`'s default.
+    CurrentThread,
+    /// `#[tokio::test(flavor = "multi_thread", worker_threads = 2)]`.
+    MultiThread,
+}
+
+/// A runtime of `flavor`, as `#[tokio::test]` builds it.
+pub fn runtime(flavor: Flavor) -> tokio::runtime::Runtime {
+    match flavor {
+        Flavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        Flavor::MultiThread => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(2);
+            builder
+        }
+    }
+    .enable_all()
+    .build()
+    .expect("a tokio runtime")
+}
+
+/// Runs the async test `test` on a fresh database of `backend`: the
+/// database is created before the runtime starts and dropped after it has
+/// shut down (also when the test panics).
+pub fn run_async<F, Fut>(flavor: Flavor, backend: Backend, name: &str, test: F)
+where
+    F: FnOnce(TestDb) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let db = TestDb::new(backend, name);
+    let runtime = runtime(flavor);
+    runtime.block_on(test(db.clone()));
+    drop(runtime);
+    drop(db);
+}
+
+/// Runs blocking `f` on tokio's blocking pool; a panic in `f` is resumed
+/// in the caller, so an assertion inside fails the test as usual.
+pub async fn blocking<R, F>(f: F) -> R
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(value) => value,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => panic!("blocking task failed: {e}"),
+        },
+    }
+}
+
+/// A database private to one test. Clones share it; the last one dropped
+/// drops the database (and the SQLite file's directory).
+#[derive(Clone)]
 pub struct TestDb {
     pub backend: Backend,
     /// URL of the private database.
     pub url: String,
+    owned: Arc<Owned>,
+}
+
+/// What the last [`TestDb`] clone removes.
+struct Owned {
+    backend: Backend,
     admin_url: Option<String>,
     name: String,
     _dir: Option<tempfile::TempDir>,
@@ -45,9 +213,27 @@ fn unique_name(test: &str) -> String {
     format!("rs_{clean}_{}_{n}", std::process::id())
 }
 
-pub fn required() -> bool {
-    std::env::var("RUNSYNC_REQUIRE_ALL_BACKENDS").is_ok_and(|v| v == "1" || v == "true")
-        || std::env::var("CI").is_ok_and(|v| v == "true")
+/// The server URL for `backend`'s tests: `PG_DATABASE_URL` /
+/// `MYSQL_DATABASE_URL` now, else the value it had when the tests were
+/// built. A server test runs without one only when every backend is
+/// required (CI) or ignored tests are run: then it fails here, saying so.
+pub fn server_url(backend: Backend) -> String {
+    let (var, built_with) = match backend {
+        Backend::Postgres => ("PG_DATABASE_URL", option_env!("PG_DATABASE_URL")),
+        Backend::Mysql => ("MYSQL_DATABASE_URL", option_env!("MYSQL_DATABASE_URL")),
+        Backend::Sqlite => panic!("SQLite has no server URL"),
+    };
+    std::env::var(var)
+        .ok()
+        .or_else(|| built_with.map(str::to_owned))
+        .filter(|url| !url.is_empty())
+        .unwrap_or_else(|| {
+            panic!(
+                "{var} is not set, yet this {backend} test was not ignored (CI=true or \
+                 RUNSYNC_REQUIRE_ALL_BACKENDS=1 at build time, or --ignored): set {var} to a \
+                 {backend} server's URL; tests create their own databases on it"
+            )
+        })
 }
 
 /// Replaces the database name (the path) of a server URL.
@@ -64,6 +250,17 @@ fn with_database(url: &str, name: &str) -> String {
 }
 
 impl TestDb {
+    /// A fresh database of `backend` for the test `test`: a SQLite file in
+    /// its own temporary directory, or a database created on the server
+    /// [`server_url`] names. Blocking: call it outside the runtime (as
+    /// [`per_backend!`] does).
+    pub fn new(backend: Backend, test: &str) -> TestDb {
+        match backend {
+            Backend::Sqlite => TestDb::sqlite(test),
+            Backend::Postgres | Backend::Mysql => TestDb::server(backend, test),
+        }
+    }
+
     /// A fresh SQLite file in its own temporary directory.
     pub fn sqlite(test: &str) -> TestDb {
         let dir = tempfile::tempdir().expect("a temporary directory");
@@ -75,53 +272,33 @@ impl TestDb {
         TestDb {
             backend: Backend::Sqlite,
             url,
-            admin_url: None,
-            name: String::new(),
-            _dir: Some(dir),
+            owned: Arc::new(Owned {
+                backend: Backend::Sqlite,
+                admin_url: None,
+                name: String::new(),
+                _dir: Some(dir),
+            }),
         }
     }
 
-    /// A fresh database on the server `PG_DATABASE_URL` or `MYSQL_DATABASE_URL` names.
-    pub fn server(backend: Backend, test: &str) -> Option<TestDb> {
-        let var = match backend {
-            Backend::Postgres => "PG_DATABASE_URL",
-            Backend::Mysql => "MYSQL_DATABASE_URL",
-            Backend::Sqlite => return Some(TestDb::sqlite(test)),
-        };
-        let Ok(admin_url) = std::env::var(var) else {
-            if required() {
-                panic!(
-                    "{var} is not set, and every backend is required here (CI or RUNSYNC_REQUIRE_ALL_BACKENDS)"
-                );
-            }
-            // Straight to stderr: libtest does not capture this, so the skip shows.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {backend} part of `{test}`: {var} is not set"
-            );
-            return None;
-        };
+    fn server(backend: Backend, test: &str) -> TestDb {
+        let admin_url = server_url(backend);
         let name = unique_name(test);
         let mut admin = AnyConnection::establish(&admin_url)
-            .unwrap_or_else(|e| panic!("{var}: cannot connect to the {backend} server: {e}"));
+            .unwrap_or_else(|e| panic!("cannot connect to the {backend} server: {e}"));
         diesel::sql_query(format!("CREATE DATABASE {name}"))
             .execute(&mut admin)
             .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
-        Some(TestDb {
+        TestDb {
             backend,
             url: with_database(&admin_url, &name),
-            admin_url: Some(admin_url),
-            name,
-            _dir: None,
-        })
-    }
-
-    /// SQLite always; PostgreSQL and MySQL when configured.
-    pub fn all(test: &str) -> Vec<TestDb> {
-        [Backend::Sqlite, Backend::Postgres, Backend::Mysql]
-            .into_iter()
-            .filter_map(|b| TestDb::server(b, test))
-            .collect()
+            owned: Arc::new(Owned {
+                backend,
+                admin_url: Some(admin_url),
+                name,
+                _dir: None,
+            }),
+        }
     }
 
     /// An engine on this database with `options`.
@@ -154,15 +331,38 @@ impl TestDb {
         self.engine_with(EngineOptions::default()).await
     }
 
-    /// A plain synchronous connection, outside any pool.
+    /// A plain synchronous connection, outside any pool. Blocking: in async
+    /// tests use [`with_connection`](Self::with_connection).
     pub fn connect(&self) -> AnyConnection {
         use diesel_runsync::PoolableConnection;
         let url = diesel_runsync::DatabaseUrl::parse(&self.url).unwrap();
         AnyConnection::connect(&url).expect("a direct connection")
     }
+
+    /// Runs `f` on a fresh direct connection, on the blocking pool.
+    pub async fn with_connection<R, F>(&self, f: F) -> R
+    where
+        F: FnOnce(&mut AnyConnection) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let db = self.clone();
+        blocking(move || f(&mut db.connect())).await
+    }
+
+    /// [`open_transactions`] on the blocking pool.
+    pub async fn open_transactions(&self) -> i64 {
+        let db = self.clone();
+        blocking(move || open_transactions(&db)).await
+    }
+
+    /// [`partial_units`] on the blocking pool.
+    pub async fn partial_units(&self, children_per_parent: i64) -> i64 {
+        let db = self.clone();
+        blocking(move || partial_units(&db, children_per_parent)).await
+    }
 }
 
-impl Drop for TestDb {
+impl Drop for Owned {
     fn drop(&mut self) {
         let Some(admin_url) = &self.admin_url else {
             return;
@@ -194,6 +394,8 @@ pub async fn migrate(engine: &Engine<AnyConnection>) {
 /// is rolled back by the server as it notices the disconnect, a few
 /// milliseconds later; so a non-zero count is looked at again for up to 3 s.
 /// A transaction really left open in a live connection stays and is counted.
+///
+/// Blocking: async tests call [`TestDb::open_transactions`].
 pub fn open_transactions(db: &TestDb) -> i64 {
     let mut count = open_transactions_now(db);
     for _ in 0..30 {
@@ -239,11 +441,12 @@ fn open_transactions_now(db: &TestDb) -> i64 {
 
 /// Units of work ("a parent with its children") that were committed only
 /// in part: parents whose child count is not `children_per_parent`.
+/// Blocking: async tests call [`TestDb::partial_units`].
 pub fn partial_units(db: &TestDb, children_per_parent: i64) -> i64 {
     partial_units_on(&mut db.connect(), children_per_parent)
 }
 
-/// [`partial_units`] on any connection to the database.
+/// [`partial_units`] on any connection to the database (blocking).
 pub fn partial_units_on(conn: &mut AnyConnection, children_per_parent: i64) -> i64 {
     use diesel::sql_types::BigInt;
     #[derive(QueryableByName)]
