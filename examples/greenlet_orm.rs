@@ -9,10 +9,10 @@
 //! DATABASE_URL=postgres://postgres@127.0.0.1/test cargo run --example greenlet_orm
 //! ```
 
+use diesel_runsync::{Engine, EngineOptions, SQL_TARGET};
 use greenlet_orm::migrations::{create_all, drop_all};
 use greenlet_orm::queries::{insert_families, run_queries, seed_families};
 use greenlet_orm::{AnyConnection, DemoError};
-use diesel_runsync::{Engine, EngineOptions, SQL_TARGET};
 
 #[tokio::main]
 async fn main() -> Result<(), DemoError> {

@@ -31,13 +31,13 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use diesel_migrations::{MigrationError, MigrationHarness};
+use diesel_runsync::{Engine, EngineOptions, SQL_TARGET};
 use greenlet_orm::migrations::{self, create_all, drop_all};
 use greenlet_orm::program::{greenlet_orm, reset_schema};
 use greenlet_orm::queries::{
     Counts, PARENT_BATCH, insert_families, run_queries, run_queries_eager, workload_families,
 };
 use greenlet_orm::{AnyConnection, DemoError, Family};
-use diesel_runsync::{Engine, EngineOptions, SQL_TARGET};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// `run` prints the objects itself up to this many parents.

@@ -8,10 +8,10 @@ use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 
 use crate::connection::AnyConnection;
+use crate::connection::on_inner_connection;
 use crate::error::DemoError;
 use crate::models::{A, B, Family, NewA, NewB};
 use crate::schema::{a, b};
-use crate::connection::on_inner_connection;
 
 /// Parents per `INSERT INTO a` statement (one bind each).
 pub const PARENT_BATCH: usize = 1_000;

@@ -8,9 +8,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::error::Error;
-use crate::manager::{
-    ConnectErrorSink, LastConnectError, Manager, PoolableConnection, Slot,
-};
+use crate::manager::{ConnectErrorSink, LastConnectError, Manager, PoolableConnection, Slot};
 use crate::session::AsyncSession;
 use crate::url::DatabaseUrl;
 

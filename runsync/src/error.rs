@@ -142,7 +142,10 @@ mod tests {
     fn a_database_error_shows_each_cause_once() {
         use std::error::Error as _;
         let error = Error::from(diesel::result::Error::NotFound);
-        assert_eq!(error.to_string(), diesel::result::Error::NotFound.to_string());
+        assert_eq!(
+            error.to_string(),
+            diesel::result::Error::NotFound.to_string()
+        );
         // Transparent: the source is the Diesel error's own source, not the error again.
         assert!(error.source().is_none());
     }

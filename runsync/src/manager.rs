@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 #[cfg(feature = "sqlite")]
 use diesel::connection::AnsiTransactionManager;
-use diesel::connection::{Connection, SimpleConnection, TransactionManager};
+use diesel::connection::{Connection, SimpleConnection as _, TransactionManager};
 use diesel::result::{ConnectionError, QueryResult};
 use tokio::sync::watch;
 

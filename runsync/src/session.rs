@@ -314,6 +314,10 @@ impl<C: PoolableConnection> AsyncSession<C> {
 
     /// Commits the transaction, if one is open, and returns the connection
     /// to the pool. With no transaction it does nothing.
+    ///
+    /// Once this future has been polled, the `COMMIT` is on its way: if the
+    /// future is then dropped, the transaction is committed whole or not at
+    /// all, and the session refuses work until [`rollback`](Self::rollback).
     pub async fn commit(&mut self) -> Result<(), Error> {
         self.check_usable()?;
         if self.state != State::Open {

@@ -66,6 +66,8 @@ impl DatabaseUrl {
                     return Err(invalid("sqlite:// needs a file path, e.g. sqlite://app.db"));
                 }
                 "sqlite" => (Backend::Sqlite, url.to_owned()),
+                // SQLite's own URI form (file:///path, file://localhost/path).
+                "file" => (Backend::Sqlite, url.to_owned()),
                 other => {
                     return Err(invalid(&format!(
                         "unknown scheme `{other}`; use postgres://, mysql://, sqlite:// or a file path"
@@ -166,6 +168,7 @@ mod tests {
             ("mysql://root@127.0.0.1/test", Backend::Mysql),
             ("sqlite://app.db", Backend::Sqlite),
             ("app.db", Backend::Sqlite),
+            ("file:///tmp/app.db", Backend::Sqlite),
             (":memory:", Backend::Sqlite),
             ("sqlite::memory:", Backend::Sqlite),
         ];
