@@ -41,11 +41,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use diesel::prelude::*;
+use diesel_runsync::{Engine, EngineOptions, Error};
 use greenlet_orm::migrations::create_all;
 use greenlet_orm::queries::{insert_families, load_families};
 use greenlet_orm::schema::{a, b};
 use greenlet_orm::{A, AnyConnection, B, DemoError, Family};
-use diesel_runsync::{Engine, EngineOptions, Error};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
@@ -101,7 +101,12 @@ impl Config {
                 "an address such as 127.0.0.1:3000",
             )?,
             options: EngineOptions::default()
-                .max_size(parsed(&var, "RUNSYNC_POOL_SIZE", 8, "a number of connections")?)
+                .max_size(parsed(
+                    &var,
+                    "RUNSYNC_POOL_SIZE",
+                    8,
+                    "a number of connections",
+                )?)
                 .connection_timeout(Duration::from_secs(parsed(
                     &var,
                     "RUNSYNC_POOL_TIMEOUT",
