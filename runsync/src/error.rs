@@ -43,12 +43,26 @@ pub enum Error {
     Panic(String),
 
     /// An earlier operation of this session failed or was cancelled inside a
-    /// transaction; the transaction was rolled back and the session refuses
-    /// work until [`rollback`](crate::AsyncSession::rollback) acknowledges it.
+    /// transaction; none of that transaction will be committed, and the
+    /// session refuses work until [`rollback`](crate::AsyncSession::rollback)
+    /// ends it (a cancelled operation's transaction may stay open on the
+    /// server until then).
     #[error(
-        "this session's transaction was rolled back after an earlier failure ({0}); call rollback() before using the session again"
+        "this session's transaction cannot go on after an earlier failure or cancellation ({0}); nothing of it will be committed: call rollback() to end it before using the session again"
     )]
     PendingRollback(String),
+
+    /// The `run_sync` closure returned with the transaction depth changed: a
+    /// savepoint it began is still open (`depth` > 1), or it ended the
+    /// session's transaction itself (`depth` 0). A `COMMIT` then would not
+    /// commit the work, so the whole transaction was rolled back.
+    #[error(
+        "the run_sync closure returned with {depth} transaction level(s) open instead of 1 (a savepoint left open, or the session's transaction ended inside the closure); the whole transaction was rolled back: close every transaction the closure opens"
+    )]
+    UnbalancedTransaction {
+        /// Transaction levels open when the closure returned.
+        depth: u32,
+    },
 
     /// The connection was lost with a cancelled or panicked blocking task.
     #[error("the session's connection was lost with a cancelled task; use a new session")]

@@ -123,7 +123,8 @@ impl<C: PoolableConnection> Slot<C> {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
-        rollback_all(conn);
+        // A failed ROLLBACK is logged there; the ping below decides.
+        let _ = rollback_all(conn);
         if let Err(e) = conn.ping() {
             tracing::warn!("closing a connection that no longer answers: {e}");
             self.conn = None;
@@ -133,17 +134,35 @@ impl<C: PoolableConnection> Slot<C> {
 
 /// Rolls back every open level (savepoints left by a panic included).
 /// A failure leaves the transaction manager broken, so the pool drops the
-/// connection and the server rolls back when it closes.
-pub(crate) fn rollback_all<C: PoolableConnection>(conn: &mut C) {
-    while let Ok(Some(_)) =
-        C::TransactionManager::transaction_manager_status_mut(conn).transaction_depth()
-    {
-        if let Err(e) = C::TransactionManager::rollback_transaction(conn) {
-            tracing::warn!("ROLLBACK failed, the connection will be discarded: {e}");
-            break;
+/// connection and the server rolls back when it closes; the failure is
+/// returned for callers that report it.
+pub(crate) fn rollback_all<C: PoolableConnection>(conn: &mut C) -> QueryResult<()> {
+    loop {
+        match transaction_depth(conn) {
+            0 => return Ok(()),
+            BROKEN => return Err(diesel::result::Error::BrokenTransactionManager),
+            _ => {
+                if let Err(e) = C::TransactionManager::rollback_transaction(conn) {
+                    tracing::warn!("ROLLBACK failed, the connection will be discarded: {e}");
+                    return Err(e);
+                }
+            }
         }
     }
 }
+
+/// Transaction levels open on `conn`: 0 for none, 1 for a transaction,
+/// more for savepoints inside it; [`BROKEN`] when the transaction manager
+/// is broken (never balanced, never reusable).
+pub(crate) fn transaction_depth<C: PoolableConnection>(conn: &mut C) -> u32 {
+    match C::TransactionManager::transaction_manager_status_mut(conn).transaction_depth() {
+        Ok(depth) => depth.map_or(0, |d| d.get()),
+        Err(_) => BROKEN,
+    }
+}
+
+/// The [`transaction_depth`] of a connection whose transaction manager is broken.
+pub(crate) const BROKEN: u32 = u32::MAX;
 
 /// The bb8 manager of a pool of `C`.
 pub(crate) struct Manager<C> {

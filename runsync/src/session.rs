@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 
 use crate::engine::{Engine, Pooled};
 use crate::error::Error;
-use crate::manager::{PoolableConnection, Slot, rollback_all};
+use crate::manager::{PoolableConnection, Slot, rollback_all, transaction_depth};
 
 /// Where a session's transaction stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +76,8 @@ impl<C: PoolableConnection> std::fmt::Debug for AsyncSession<C> {
 /// How the blocking half of an operation ended.
 enum Step<R, E> {
     Done(R),
+    /// The closure returned with this many transaction levels open instead of 1.
+    Unbalanced(u32),
     Begin(diesel::result::Error),
     Commit(diesel::result::Error),
     Failed(E),
@@ -183,9 +185,15 @@ impl<C: PoolableConnection> AsyncSession<C> {
         &self.engine
     }
 
-    /// Whether a transaction is begun (explicitly or by autobegin) and not yet ended.
+    /// Whether a transaction is begun (explicitly or by autobegin) and not
+    /// yet ended, and usable: false once a failure or cancellation has left
+    /// it waiting for [`rollback`](Self::rollback).
     pub fn in_transaction(&self) -> bool {
-        matches!(self.state, State::Begun | State::Open)
+        let scope_cancelled = self
+            .scope_cancelled
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Acquire));
+        !scope_cancelled && matches!(self.state, State::Begun | State::Open)
     }
 
     /// Whether the session currently holds a pooled connection.
@@ -256,6 +264,11 @@ impl<C: PoolableConnection> AsyncSession<C> {
                 Step::Begin(e)
             } else {
                 match catch_unwind(AssertUnwindSafe(|| f(conn))) {
+                    // A savepoint left open (or the transaction ended) by the
+                    // closure would make COMMIT release only the savepoint.
+                    Ok(Ok(_)) if transaction_depth(conn) != 1 => {
+                        Step::Unbalanced(transaction_depth(conn))
+                    }
                     Ok(Ok(value)) => Step::Done(value),
                     Ok(Err(e)) => Step::Failed(e),
                     Err(payload) => Step::Panicked(panic_message(payload.as_ref())),
@@ -263,7 +276,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
             };
             if matches!(step, Step::Done(_)) && done.0.cancelled.load(Ordering::Acquire) {
                 // Nobody will see the result: the work must not be committed.
-                rollback_all(slot.conn_mut());
+                let _ = rollback_all(slot.conn_mut());
             } else if matches!(step, Step::Done(_)) && commit {
                 if let Err(e) = C::TransactionManager::commit_transaction(slot.conn_mut()) {
                     step = Step::Commit(e);
@@ -304,6 +317,11 @@ impl<C: PoolableConnection> AsyncSession<C> {
             Step::Failed(e) => {
                 self.state = State::Failed("the run_sync closure returned an error".into());
                 Err(e)
+            }
+            Step::Unbalanced(depth) => {
+                self.state =
+                    State::Failed("the run_sync closure left the transaction depth changed".into());
+                Err(Error::UnbalancedTransaction { depth }.into())
             }
             Step::Panicked(message) => {
                 self.state = State::Failed(format!("the run_sync closure panicked: {message}"));
@@ -355,22 +373,29 @@ impl<C: PoolableConnection> AsyncSession<C> {
     /// first waits for its blocking task to roll back and return its
     /// connection (as long as the user's closure takes to finish).
     pub async fn rollback(&mut self) -> Result<(), Error> {
-        self.scope_cancelled = None;
-        if let Some(cancelled) = self.in_flight.take() {
+        if let Some(cancelled) = self.in_flight.clone() {
             // An operation's future was dropped: its task rolls back and
             // returns the connection; wait for that, so that when this
             // returns nothing of the session's is left open on the server.
+            // Forgotten only once over: a rollback cut off here by a timeout
+            // leaves it for the next one.
             cancelled.wait_done().await;
+            self.in_flight = None;
         }
+        self.scope_cancelled = None;
         let open = self.conn.as_mut().is_some_and(|p| has_open_transaction(p));
         self.state = State::Idle;
-        if open {
+        let rolled_back = if open {
             // If this is cancelled, the connection goes back with the open
             // transaction and the pool refuses it: still rolled back.
-            self.blocking(|slot| rollback_all(slot.conn_mut())).await?;
-        }
+            self.blocking(|slot| rollback_all(slot.conn_mut())).await?
+        } else {
+            Ok(())
+        };
+        // A failed ROLLBACK leaves the transaction manager broken: the pool
+        // closes the connection, and the server rolls back as it goes.
         self.release();
-        Ok(())
+        rolled_back.map_err(Error::Database)
     }
 
     /// Ends the session: rolls back anything uncommitted and returns the
@@ -486,7 +511,7 @@ impl<C: PoolableConnection> Drop for AsyncSession<C> {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn_blocking(move || {
                 if let Some(conn) = pooled.conn.as_mut() {
-                    rollback_all(conn);
+                    let _ = rollback_all(conn);
                 }
             });
         }
