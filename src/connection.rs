@@ -3,7 +3,7 @@
 //! backend picked from the URL at run time.
 //!
 //! `#[derive(MultiConnection)]` does not forward `#[cfg]` on enum variants,
-//! so [`any_connection!`] writes the enum out once per feature set.
+//! so the `any_connection!` macro below writes the enum out once per feature set.
 
 use diesel::prelude::*;
 use diesel::result::ConnectionError;
