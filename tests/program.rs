@@ -197,6 +197,65 @@ fn bad_urls_give_one_line_errors_without_the_password() {
     if !cfg!(feature = "mysql") {
         assert_clean_failure(&refused, "this build has no mysql support", secret);
     }
+
+    // Issue 9: the forms the redaction did not know, given with
+    // --database-url. A password of two halves, so that a driver quoting
+    // half of it (after splitting the URL at a '/' or '?') is caught too.
+    let (head, tail) = ("hunter2Head", "hunter2Tail");
+    let via_flag = |url: &str| run_program("", &["--database-url", url]);
+    let clean = |out: &Output, expect: &str| {
+        assert_clean_failure(out, expect, head);
+        assert_clean_failure(out, expect, tail);
+    };
+    let (misread_says, quoted_says) = if cfg!(feature = "postgres") {
+        ("invalid integer value", "unexpected character")
+    } else {
+        (refused_says, refused_says)
+    };
+    // libpq's ?password= parameter.
+    let query = via_flag(&format!(
+        "postgres://u@127.0.0.1:1/db?password={head}{tail}"
+    ));
+    clean(&query, refused_says);
+    let query = via_flag(&format!("mysql://u@127.0.0.1:1/db?password={head}{tail}"));
+    clean(&query, "cannot connect");
+    // A password with an unencoded '/' or '?': libpq takes the first half
+    // for the port and quotes it; Diesel's MySQL parser refuses the URL.
+    let slash = via_flag(&format!("postgres://u:{head}/{tail}@127.0.0.1:1/db"));
+    clean(&slash, misread_says);
+    let question = via_flag(&format!("postgres://u:{head}?{tail}@127.0.0.1:1/db"));
+    clean(&question, refused_says);
+    for sep in ['/', '?'] {
+        let mysql = via_flag(&format!("mysql://root:{head}{sep}{tail}@127.0.0.1:1/db"));
+        clean(&mysql, "cannot connect");
+    }
+    // libpq quotes a URI it cannot parse, password and all.
+    let quoted = via_flag(&format!("postgres://u:{head}?{tail}@[::1]x:1/db"));
+    clean(&quoted, quoted_says);
+    // A libpq key=value string is refused, and no SQLite file of that name
+    // is created in the working directory.
+    for kv in [
+        format!("host=localhost user=u password={head}{tail} dbname=db"),
+        format!("dbname=db password='{head} {tail}'"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_greenlet-orm"))
+            .args(["--database-url", &kv])
+            .current_dir(dir.path())
+            .env_remove("DATABASE_URL")
+            .env_remove("RUST_LOG")
+            .env_remove("RUNSYNC_ECHO")
+            .output()
+            .expect("the program runs");
+        clean(&out, "key=value connection string");
+        assert!(
+            text(&out.stderr).contains("password=***"),
+            "{}",
+            text(&out.stderr)
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "{kv:?} created {left:?}");
+    }
 }
 
 #[test]
@@ -359,6 +418,61 @@ fn the_password_never_appears_in_echo_logs_or_debug_output(db: TestDb) {
             assert!(!shown.contains(secret), "{shown}");
         }
     });
+
+    // Issue 9: libpq's ?password= parameter, and a password with an
+    // unencoded '?' (libpq reads both), given with --database-url.
+    let (head, tail) = ("T0pSecretHead", "T0pSecretTail");
+    let sep = if db.url.contains('?') { '&' } else { '?' };
+    let forms = [
+        (
+            format!("{}{sep}password={head}{tail}", db.url),
+            "password=***",
+        ),
+        (
+            db.url
+                .replacen("://postgres@", &format!("://postgres:{head}?{tail}@"), 1),
+            "connected to postgres://postgres:***@",
+        ),
+    ];
+    for (url, shown) in forms {
+        assert!(url.contains(head), "the test URL carries a password: {url}");
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_greenlet-orm"))
+            .args(["--echo", "--database-url", &url])
+            .current_dir(dir.path())
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "trace")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{url}: {}", text(&out.stderr));
+        let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert!(all.contains(shown), "{all}");
+        assert!(all.contains("connected to"), "{all}");
+        for piece in [head, tail] {
+            assert!(
+                !all.contains(piece),
+                "password leaked into the output: {all}"
+            );
+        }
+        runtime.block_on(async {
+            let engine = diesel_runsync::Engine::<greenlet_orm::AnyConnection>::connect(
+                &url,
+                diesel_runsync::EngineOptions::default(),
+            )
+            .await
+            .unwrap();
+            for shown in [
+                format!("{engine:?}"),
+                format!("{:?}", engine.session()),
+                engine.url().to_string(),
+                format!("{:?}", engine.url()),
+            ] {
+                for piece in [head, tail] {
+                    assert!(!shown.contains(piece), "{shown}");
+                }
+            }
+        });
+    }
 }
 
 per_backend!(migrate_subcommands_apply_list_and_revert, sync);

@@ -4,13 +4,13 @@
 //! when the engine's `echo` option is on, at `DEBUG` otherwise, so
 //! `RUST_LOG=diesel_runsync::sql=debug` shows them without the option.
 //! `BEGIN`, `COMMIT` and `ROLLBACK` appear as the statements they are.
-//! Connection URLs are always redacted.
+//! Connection URLs are always redacted, and connection errors scrubbed.
 
 use std::time::Instant;
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
 
-use crate::url::redact;
+use crate::url::{redact, scrub_message};
 
 /// The `tracing` target of statement events.
 pub const SQL_TARGET: &str = "diesel_runsync::sql";
@@ -71,9 +71,12 @@ impl Instrumentation for SqlEcho {
             }
             InstrumentationEvent::FinishEstablishConnection { url, error, .. } => match error {
                 None => report!(self.echo, "connected to {}", redact(url)),
-                Some(e) => {
-                    tracing::warn!(target: SQL_TARGET, "connecting to {} failed: {e}", redact(url))
-                }
+                Some(e) => tracing::warn!(
+                    target: SQL_TARGET,
+                    "connecting to {} failed: {}",
+                    redact(url),
+                    scrub_message(url, &e.to_string())
+                ),
             },
             _ => {}
         }
