@@ -7,7 +7,9 @@
 
 use diesel::prelude::*;
 use diesel::result::ConnectionError;
-use diesel_runsync::{Backend, DatabaseUrl, PoolableConnection};
+use std::time::Duration;
+
+use diesel_runsync::{Backend, Canceller, DatabaseUrl, PoolableConnection};
 
 /// Declares `AnyConnection` with the given variants, deriving
 /// `MultiConnection` (one invocation per feature set, below).
@@ -112,5 +114,16 @@ impl PoolableConnection for AnyConnection {
 
     fn begin_outer_transaction(&mut self) -> QueryResult<()> {
         on_inner_connection!(self, |conn| conn.begin_outer_transaction())
+    }
+
+    /// The inner connection's: `pg_cancel_backend`, `KILL QUERY` or
+    /// `sqlite3_interrupt` when a statement is cancelled.
+    fn canceller(&mut self, url: &DatabaseUrl) -> Option<Canceller> {
+        on_inner_connection!(self, |conn| conn.canceller(url))
+    }
+
+    /// The inner connection's server-side statement timeout.
+    fn set_statement_timeout(&mut self, timeout: Option<Duration>) -> QueryResult<()> {
+        on_inner_connection!(self, |conn| conn.set_statement_timeout(timeout))
     }
 }

@@ -63,6 +63,14 @@ pub struct EngineOptions {
     pub idle_timeout: Option<Duration>,
     /// Connections are replaced after this long (`None`: never).
     pub max_lifetime: Option<Duration>,
+    /// The default deadline of each `run_sync` call (`None`: none). When it
+    /// passes, the running statement is cancelled on the server and the
+    /// call returns [`Error::Timeout`]. PostgreSQL and MariaDB/MySQL also
+    /// enforce it per statement on the server (`statement_timeout`,
+    /// `max_statement_time` / `MAX_EXECUTION_TIME`). A session can change it
+    /// for itself ([`AsyncSession::set_statement_timeout`]) or for one call
+    /// ([`AsyncSession::with_timeout`]).
+    pub statement_timeout: Option<Duration>,
 }
 
 impl Default for EngineOptions {
@@ -74,6 +82,7 @@ impl Default for EngineOptions {
             ping_after: Duration::from_secs(1),
             idle_timeout: Some(Duration::from_secs(600)),
             max_lifetime: Some(Duration::from_secs(1800)),
+            statement_timeout: None,
         }
     }
 }
@@ -122,6 +131,14 @@ impl EngineOptions {
         self.max_lifetime = lifetime;
         self
     }
+
+    /// Sets [`statement_timeout`](Self::statement_timeout): the default
+    /// deadline of each `run_sync` call (`None`: none).
+    #[must_use]
+    pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.statement_timeout = timeout;
+        self
+    }
 }
 
 /// Connection counts of an engine's pool, for health checks and tests.
@@ -139,6 +156,7 @@ pub struct Engine<C: PoolableConnection> {
     pool: bb8::Pool<Manager<C>>,
     url: DatabaseUrl,
     connection_timeout: Duration,
+    statement_timeout: Option<Duration>,
     connect_errors: watch::Sender<LastConnectError>,
     /// One permit per pooled connection, handed out first come, first
     /// served: bb8 alone lets a task that just returned a connection take it
@@ -152,6 +170,7 @@ impl<C: PoolableConnection> Clone for Engine<C> {
             pool: self.pool.clone(),
             url: self.url.clone(),
             connection_timeout: self.connection_timeout,
+            statement_timeout: self.statement_timeout,
             connect_errors: self.connect_errors.clone(),
             gate: self.gate.clone(),
         }
@@ -186,6 +205,7 @@ impl<C: PoolableConnection> Engine<C> {
             url: url.clone(),
             echo: options.echo,
             ping_after: options.ping_after,
+            statement_timeout: options.statement_timeout,
             _conn: PhantomData,
         };
         let max_size = options.max_size.max(1);
@@ -201,6 +221,7 @@ impl<C: PoolableConnection> Engine<C> {
             pool,
             url,
             connection_timeout: options.connection_timeout,
+            statement_timeout: options.statement_timeout,
             connect_errors,
             gate: Arc::new(Semaphore::new(max_size as usize)),
         };
@@ -211,6 +232,12 @@ impl<C: PoolableConnection> Engine<C> {
     /// The engine's URL (prints without its password).
     pub fn url(&self) -> &DatabaseUrl {
         &self.url
+    }
+
+    /// The default deadline of `run_sync` calls
+    /// ([`EngineOptions::statement_timeout`]).
+    pub fn statement_timeout(&self) -> Option<Duration> {
+        self.statement_timeout
     }
 
     /// A new session; it checks a connection out when first used.

@@ -64,6 +64,17 @@ pub enum Error {
         depth: u32,
     },
 
+    /// A `run_sync` call outlived its deadline
+    /// ([`EngineOptions::statement_timeout`](crate::EngineOptions::statement_timeout),
+    /// [`AsyncSession::set_statement_timeout`](crate::AsyncSession::set_statement_timeout)
+    /// or [`AsyncSession::with_timeout`](crate::AsyncSession::with_timeout)):
+    /// its statement was cancelled on the server and its transaction rolled
+    /// back; the session refuses work until `rollback()`.
+    #[error(
+        "the statement did not finish within its {0:?} timeout and was cancelled; its transaction was rolled back. Raise the timeout (EngineOptions::statement_timeout, AsyncSession::set_statement_timeout or with_timeout) or make the statement cheaper, then call rollback() before using the session again"
+    )]
+    Timeout(Duration),
+
     /// The connection was lost with a cancelled or panicked blocking task.
     #[error("the session's connection was lost with a cancelled task; use a new session")]
     ConnectionLost,

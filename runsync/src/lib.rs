@@ -55,11 +55,16 @@
 //!
 //! - `url` — [`DatabaseUrl`]: the [`Backend`] a URL names, and a form safe to print.
 //! - `manager` — [`PoolableConnection`] and the bb8 manager: how connections
-//!   are opened, checked, and refused when they come back with a transaction open.
+//!   are opened, checked, and refused when they come back with a transaction
+//!   open; the hooks that cancel a statement and set a server-side timeout.
 //! - `engine` — [`Engine`] and [`EngineOptions`]: the pool, fair checkout,
 //!   [`Engine::transaction`].
 //! - `session` — [`AsyncSession`]: `run_sync`, `begin`, `commit`, `rollback`,
-//!   `transaction`, and how cancellation and panics are contained.
+//!   `transaction`, deadlines ([`AsyncSession::with_timeout`]), and how
+//!   cancellation and panics are contained.
+//! - `cancel` — [`Canceller`]: cancellation that reaches the server
+//!   (`pg_cancel_backend`, `KILL QUERY`, `sqlite3_interrupt`) when an
+//!   operation's future is dropped or its deadline passes.
 //! - `retry` — [`Engine::transaction_with_retry`], [`RetryPolicy`], [`Retried`].
 //! - `echo` — statements to `tracing` on the target [`SQL_TARGET`].
 //! - `error` — [`Error`] and [`Retryable`].
@@ -67,6 +72,7 @@
 #![warn(missing_docs, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod cancel;
 mod echo;
 mod engine;
 mod error;
@@ -75,10 +81,11 @@ mod retry;
 mod session;
 mod url;
 
+pub use cancel::{CancelError, Canceller};
 pub use echo::SQL_TARGET;
 pub use engine::{Engine, EngineOptions, PoolStatus};
 pub use error::{Error, Retryable};
 pub use manager::PoolableConnection;
 pub use retry::{Retried, RetryPolicy};
-pub use session::AsyncSession;
+pub use session::{AsyncSession, WithTimeout};
 pub use url::{Backend, DatabaseUrl};

@@ -9,6 +9,7 @@ use diesel::connection::{Connection, SimpleConnection as _, TransactionManager};
 use diesel::result::{ConnectionError, QueryResult};
 use tokio::sync::watch;
 
+use crate::cancel::Canceller;
 use crate::echo::SqlEcho;
 use crate::error::Error;
 use crate::url::DatabaseUrl;
@@ -34,15 +35,71 @@ pub trait PoolableConnection: Connection + Send + 'static {
     fn ping(&mut self) -> QueryResult<()> {
         self.batch_execute("SELECT 1")
     }
+
+    /// A handle that stops, from another thread, the statement this
+    /// connection is running: called once, right after [`connect`](Self::connect),
+    /// on the same thread. The engine uses it when an operation's future is
+    /// dropped or its deadline passes while the user's closure runs (see the
+    /// `cancel` module). The default, `None`, leaves a cancelled statement
+    /// to run to its end.
+    fn canceller(&mut self, url: &DatabaseUrl) -> Option<Canceller> {
+        let _ = url;
+        None
+    }
+
+    /// Makes the server stop any statement of this connection that runs
+    /// longer than `timeout` (`None`: the server's own default), until
+    /// changed. The engine calls it when the deadline it wants differs from
+    /// the one last set; the client-side deadline applies either way. The
+    /// default does nothing (SQLite has no server).
+    fn set_statement_timeout(&mut self, timeout: Option<Duration>) -> QueryResult<()> {
+        let _ = timeout;
+        Ok(())
+    }
 }
 
+/// `pg_cancel_backend` from a side connection; `SET statement_timeout`.
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-impl PoolableConnection for diesel::PgConnection {}
+impl PoolableConnection for diesel::PgConnection {
+    fn canceller(&mut self, url: &DatabaseUrl) -> Option<Canceller> {
+        crate::cancel::postgres(self, url)
+    }
 
+    fn set_statement_timeout(&mut self, timeout: Option<Duration>) -> QueryResult<()> {
+        match timeout {
+            // 0 would mean no limit: at least one millisecond.
+            Some(t) => self.batch_execute(&format!(
+                "SET statement_timeout = {}",
+                t.as_millis().clamp(1, i32::MAX as u128)
+            )),
+            None => self.batch_execute("SET statement_timeout TO DEFAULT"),
+        }
+    }
+}
+
+/// `KILL QUERY` from a side connection; MariaDB's `max_statement_time`
+/// (MySQL: `MAX_EXECUTION_TIME`, which limits `SELECT`s only).
 #[cfg(feature = "mysql")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
-impl PoolableConnection for diesel::MysqlConnection {}
+impl PoolableConnection for diesel::MysqlConnection {
+    fn canceller(&mut self, url: &DatabaseUrl) -> Option<Canceller> {
+        crate::cancel::mysql(self, url)
+    }
+
+    fn set_statement_timeout(&mut self, timeout: Option<Duration>) -> QueryResult<()> {
+        let (mariadb, mysql) = match timeout {
+            Some(t) => (
+                format!("{:.6}", t.as_secs_f64().max(0.000_001)),
+                t.as_millis().clamp(1, u32::MAX as u128).to_string(),
+            ),
+            None => ("DEFAULT".to_owned(), "DEFAULT".to_owned()),
+        };
+        // MariaDB first; MySQL has no max_statement_time ("unknown system variable").
+        self.batch_execute(&format!("SET SESSION max_statement_time = {mariadb}"))
+            .or_else(|_| self.batch_execute(&format!("SET SESSION MAX_EXECUTION_TIME = {mysql}")))
+    }
+}
 
 /// WAL, a 5 s busy timeout and foreign keys on every connection;
 /// transactions begin with `BEGIN IMMEDIATE`.
@@ -50,7 +107,7 @@ impl PoolableConnection for diesel::MysqlConnection {}
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 impl PoolableConnection for diesel::SqliteConnection {
     fn connect(url: &DatabaseUrl) -> Result<Self, ConnectionError> {
-        let mut conn = Self::establish(url.expose())?;
+        let mut conn = crate::cancel::sqlite::opening(|| Self::establish(url.expose()))?;
         configure_sqlite(&mut conn, url.is_sqlite_memory())
             .map_err(ConnectionError::CouldntSetupConfiguration)?;
         Ok(conn)
@@ -58,6 +115,12 @@ impl PoolableConnection for diesel::SqliteConnection {
 
     fn begin_outer_transaction(&mut self) -> QueryResult<()> {
         begin_immediate(self)
+    }
+
+    /// `sqlite3_interrupt` on the handle recorded while `connect` opened
+    /// this connection (on this thread).
+    fn canceller(&mut self, _url: &DatabaseUrl) -> Option<Canceller> {
+        crate::cancel::sqlite::canceller()
     }
 }
 
@@ -85,10 +148,28 @@ fn begin_immediate(conn: &mut diesel::SqliteConnection) -> QueryResult<()> {
 }
 
 /// What the pool holds: the connection (absent while a blocking task owns
-/// it) and when it last answered.
+/// it), when it last answered, the handle that cancels its statements, and
+/// the statement timeout its server enforces.
 pub(crate) struct Slot<C> {
     pub(crate) conn: Option<C>,
     pub(crate) last_used: Instant,
+    pub(crate) canceller: Option<Canceller>,
+    /// The statement timeout in force on the server (`Some(None)`: the
+    /// server's default), or `None` when unknown.
+    server_timeout: Option<Option<Duration>>,
+    /// A timeout was set inside the current transaction: a rollback undoes
+    /// it on PostgreSQL, so once that transaction is over it is unknown.
+    timeout_set_in_transaction: bool,
+}
+
+impl<C> Drop for Slot<C> {
+    /// Detaches the canceller before the connection closes (SQLite's
+    /// `sqlite3_interrupt` must never race the close).
+    fn drop(&mut self) {
+        if let Some(canceller) = &self.canceller {
+            canceller.detach();
+        }
+    }
 }
 
 impl<C: PoolableConnection> Slot<C> {
@@ -127,8 +208,38 @@ impl<C: PoolableConnection> Slot<C> {
         let _ = rollback_all(conn);
         if let Err(e) = conn.ping() {
             tracing::warn!("closing a connection that no longer answers: {e}");
-            self.conn = None;
+            self.close();
         }
+    }
+
+    /// Closes the connection (the canceller detached first).
+    pub(crate) fn close(&mut self) {
+        if let Some(canceller) = self.canceller.take() {
+            canceller.detach();
+        }
+        self.conn = None;
+    }
+
+    /// Makes the server enforce `timeout` on the statements about to run,
+    /// if it does not already. `in_transaction`: a transaction is open (a
+    /// `SET` inside one is undone if it rolls back, on PostgreSQL).
+    pub(crate) fn apply_statement_timeout(
+        &mut self,
+        timeout: Option<Duration>,
+        in_transaction: bool,
+    ) -> QueryResult<()> {
+        if !in_transaction && self.timeout_set_in_transaction {
+            self.timeout_set_in_transaction = false;
+            self.server_timeout = None;
+        }
+        if self.server_timeout == Some(timeout) {
+            return Ok(());
+        }
+        self.server_timeout = None;
+        self.conn_mut().set_statement_timeout(timeout)?;
+        self.server_timeout = Some(timeout);
+        self.timeout_set_in_transaction = in_transaction;
+        Ok(())
     }
 }
 
@@ -170,6 +281,8 @@ pub(crate) struct Manager<C> {
     pub(crate) echo: bool,
     /// Connections used more recently than this are not pinged on checkout.
     pub(crate) ping_after: Duration,
+    /// The engine's default statement timeout, set on every new connection.
+    pub(crate) statement_timeout: Option<Duration>,
     pub(crate) _conn: std::marker::PhantomData<fn() -> C>,
 }
 
@@ -198,24 +311,36 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
     async fn connect(&self) -> Result<Slot<C>, Error> {
         let url = self.url.clone();
         let echo = self.echo;
+        let timeout = self.statement_timeout;
         let opened = tokio::task::spawn_blocking(move || {
             let mut conn = C::connect(&url)?;
+            let canceller = conn.canceller(&url);
+            let mut slot = Slot {
+                conn: None,
+                last_used: Instant::now(),
+                canceller,
+                server_timeout: Some(None),
+                timeout_set_in_transaction: false,
+            };
+            if timeout.is_some() {
+                conn.set_statement_timeout(timeout)
+                    .map_err(ConnectionError::CouldntSetupConfiguration)?;
+                slot.server_timeout = Some(timeout);
+            }
             conn.set_instrumentation(SqlEcho::new(echo));
-            Ok::<_, ConnectionError>(conn)
+            slot.conn = Some(conn);
+            Ok::<_, ConnectionError>(slot)
         })
         .await
         .map_err(|_| Error::RuntimeShutdown)?;
         match opened {
-            Ok(conn) => {
+            Ok(slot) => {
                 if self.echo {
                     tracing::info!(target: crate::echo::SQL_TARGET, "connected to {}", self.url);
                 } else {
                     tracing::debug!(target: crate::echo::SQL_TARGET, "connected to {}", self.url);
                 }
-                Ok(Slot {
-                    conn: Some(conn),
-                    last_used: Instant::now(),
-                })
+                Ok(slot)
             }
             Err(e) => {
                 let error = self.connect_error(&e);
@@ -236,8 +361,10 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
         })
         .await
         .map_err(|_| Error::RuntimeShutdown)?;
-        pinged?;
+        // Back in its slot even when the ping failed: the pool then drops
+        // the slot, which detaches the canceller before closing it.
         slot.conn = Some(conn);
+        pinged?;
         slot.last_used = Instant::now();
         Ok(())
     }

@@ -11,6 +11,18 @@
 //!   the transaction back before the connection returns to the pool; were the
 //!   flag missed, the pool's `has_broken` check refuses any connection with
 //!   a transaction open, and closing it makes the server roll back;
+//! - if the future is dropped while the user's closure runs, the statement
+//!   running on the server is cancelled too (`pg_cancel_backend`,
+//!   `KILL QUERY`, `sqlite3_interrupt`: see the `cancel` module), so the
+//!   connection comes back within the server's reaction time rather than
+//!   when the statement would have ended; a closure whose future was dropped
+//!   before it started is not run at all;
+//! - a deadline ([`EngineOptions::statement_timeout`](crate::EngineOptions::statement_timeout),
+//!   [`AsyncSession::set_statement_timeout`], [`AsyncSession::with_timeout`])
+//!   fires the same cancel from a tokio timer (and PostgreSQL and MariaDB
+//!   enforce it per statement on the server too); the call returns
+//!   [`Error::Timeout`], its transaction rolled back, and, like any failure
+//!   inside a transaction, the session refuses work until `rollback()`;
 //! - after a failed or cancelled operation inside a transaction, the session
 //!   refuses work ([`Error::PendingRollback`]) until `rollback()`, so later
 //!   steps can never be committed without the earlier ones; `rollback()`
@@ -20,11 +32,13 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use diesel::connection::TransactionManager;
 use diesel::result::QueryResult;
 use tokio::sync::Notify;
 
+use crate::cancel::{Canceller, OpWatch, Reason};
 use crate::engine::{Engine, Pooled};
 use crate::error::Error;
 use crate::manager::{PoolableConnection, Slot, rollback_all, transaction_depth};
@@ -61,6 +75,8 @@ pub struct AsyncSession<C: PoolableConnection> {
     /// The blocking operation last started, until it completes in this
     /// session; if its future was dropped, `rollback()` waits for it.
     in_flight: Option<Arc<InFlight>>,
+    /// The deadline of each `run_sync` call, unless one is given per call.
+    statement_timeout: Option<Duration>,
 }
 
 impl<C: PoolableConnection> std::fmt::Debug for AsyncSession<C> {
@@ -69,6 +85,7 @@ impl<C: PoolableConnection> std::fmt::Debug for AsyncSession<C> {
             .field("url", self.engine.url())
             .field("state", &self.state)
             .field("holds_connection", &self.conn.is_some())
+            .field("statement_timeout", &self.statement_timeout)
             .finish()
     }
 }
@@ -82,19 +99,32 @@ enum Step<R, E> {
     Commit(diesel::result::Error),
     Failed(E),
     Panicked(String),
+    /// Setting the server's statement timeout failed inside the transaction.
+    Setup(diesel::result::Error),
+    /// The deadline passed; the statement was cancelled.
+    TimedOut(Duration),
+    /// The future was dropped before the closure started: it did not run.
+    Skipped,
 }
 
 /// What one blocking operation shares with the session that started it.
-#[derive(Default)]
 struct InFlight {
-    /// Set when the awaiting future was dropped: nobody will take the result.
-    cancelled: AtomicBool,
+    /// Whether and why it was cancelled, and the cancel of its statement.
+    watch: Arc<OpWatch>,
     /// Set once the operation's connection is back in the pool (or closed).
     done: AtomicBool,
     finished: Notify,
 }
 
 impl InFlight {
+    fn new(canceller: Option<Canceller>) -> Self {
+        InFlight {
+            watch: OpWatch::new(canceller),
+            done: AtomicBool::new(false),
+            finished: Notify::new(),
+        }
+    }
+
     /// Waits until the operation's connection is back (or closed).
     async fn wait_done(&self) {
         loop {
@@ -121,8 +151,9 @@ impl Drop for DoneSignal {
     }
 }
 
-/// Sets `cancelled` when dropped before [`CancelFlag::disarm`]: the awaiting
-/// future was dropped.
+/// Cancels the operation when dropped before [`CancelFlag::disarm`]: the
+/// awaiting future was dropped. If the user's closure is running, its
+/// statement is cancelled on the server (from the blocking pool).
 struct CancelFlag(Arc<InFlight>, bool);
 
 impl CancelFlag {
@@ -134,7 +165,7 @@ impl CancelFlag {
 impl Drop for CancelFlag {
     fn drop(&mut self) {
         if self.1 {
-            self.0.cancelled.store(true, Ordering::Release);
+            self.0.watch.cancel(Reason::Dropped);
         }
     }
 }
@@ -163,19 +194,22 @@ impl Drop for ScopeFlag {
 
 impl<C: PoolableConnection> AsyncSession<C> {
     pub(crate) fn new(engine: Engine<C>) -> Self {
+        let statement_timeout = engine.statement_timeout();
         AsyncSession {
             engine,
             conn: None,
             state: State::Idle,
             scope_cancelled: None,
             in_flight: None,
+            statement_timeout,
         }
     }
 
     /// Registers a blocking operation: the flag to drop with the awaiting
-    /// future and the signal to send back with the connection.
-    fn start_operation(&mut self) -> (CancelFlag, DoneSignal) {
-        let op = Arc::new(InFlight::default());
+    /// future and the signal to send back with the connection. With a
+    /// `canceller`, a cancel stops the statement of the user's closure.
+    fn start_operation(&mut self, canceller: Option<Canceller>) -> (CancelFlag, DoneSignal) {
+        let op = Arc::new(InFlight::new(canceller));
         self.in_flight = Some(op.clone());
         (CancelFlag(op.clone(), true), DoneSignal(op))
     }
@@ -194,6 +228,36 @@ impl<C: PoolableConnection> AsyncSession<C> {
             .as_ref()
             .is_some_and(|c| c.load(Ordering::Acquire));
         !scope_cancelled && matches!(self.state, State::Begun | State::Open)
+    }
+
+    /// The deadline of this session's `run_sync` calls (`None`: none); the
+    /// engine's [`statement_timeout`](crate::EngineOptions::statement_timeout)
+    /// until [`set_statement_timeout`](Self::set_statement_timeout).
+    pub fn statement_timeout(&self) -> Option<Duration> {
+        self.statement_timeout
+    }
+
+    /// Sets the deadline of this session's later `run_sync` and
+    /// `run_sync_and_commit` calls (`None`: none), in place of the engine's.
+    /// A call that outlives it has its statement cancelled on the server and
+    /// returns [`Error::Timeout`] (converted into the closure's error type);
+    /// its transaction is rolled back and the session refuses work until
+    /// [`rollback`](Self::rollback), as after any failure. The deadline
+    /// counts from when the call has its connection (waiting for one is
+    /// bounded by [`connection_timeout`](crate::EngineOptions::connection_timeout)).
+    pub fn set_statement_timeout(&mut self, timeout: Option<Duration>) {
+        self.statement_timeout = timeout;
+    }
+
+    /// One call with a deadline of its own, in place of the session's:
+    /// `session.with_timeout(d).run_sync(f).await`. See
+    /// [`set_statement_timeout`](Self::set_statement_timeout) for what a
+    /// deadline does.
+    pub fn with_timeout(&mut self, timeout: Duration) -> WithTimeout<'_, C> {
+        WithTimeout {
+            session: self,
+            timeout,
+        }
     }
 
     /// Whether the session currently holds a pooled connection.
@@ -230,7 +294,8 @@ impl<C: PoolableConnection> AsyncSession<C> {
         R: Send + 'static,
         E: From<Error> + Send + 'static,
     {
-        self.run_sync_then(f, false).await
+        let timeout = self.statement_timeout;
+        self.run_sync_then(f, false, timeout).await
     }
 
     /// [`run_sync`](Self::run_sync), then [`commit`](Self::commit), in one
@@ -243,10 +308,16 @@ impl<C: PoolableConnection> AsyncSession<C> {
         R: Send + 'static,
         E: From<Error> + Send + 'static,
     {
-        self.run_sync_then(f, true).await
+        let timeout = self.statement_timeout;
+        self.run_sync_then(f, true, timeout).await
     }
 
-    async fn run_sync_then<R, E, F>(&mut self, f: F, commit: bool) -> Result<R, E>
+    async fn run_sync_then<R, E, F>(
+        &mut self,
+        f: F,
+        commit: bool,
+        timeout: Option<Duration>,
+    ) -> Result<R, E>
     where
         F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
@@ -256,25 +327,37 @@ impl<C: PoolableConnection> AsyncSession<C> {
         let mut pooled = self.take_or_checkout().await?;
         let needs_begin = self.state != State::Open;
         self.state = State::InFlight;
-        let (flag, done) = self.start_operation();
-        let joined = tokio::task::spawn_blocking(move || {
+        let (flag, done) = self.start_operation(pooled.canceller.clone());
+        let watch = done.0.watch.clone();
+        let handle = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
             let slot = &mut *pooled;
-            let conn = slot.conn_mut();
-            let mut step = if let Err(e) = begin_if(conn, needs_begin) {
-                Step::Begin(e)
+            let watch = &done.0.watch;
+            let mut step = if watch.reason().is_some() {
+                // Cancelled while queued: nothing of it runs.
+                Step::Skipped
             } else {
-                match catch_unwind(AssertUnwindSafe(|| f(conn))) {
-                    // A savepoint left open (or the transaction ended) by the
-                    // closure would make COMMIT release only the savepoint.
-                    Ok(Ok(_)) if transaction_depth(conn) != 1 => {
-                        Step::Unbalanced(transaction_depth(conn))
-                    }
-                    Ok(Ok(value)) => Step::Done(value),
-                    Ok(Err(e)) => Step::Failed(e),
-                    Err(payload) => Step::Panicked(panic_message(payload.as_ref())),
+                match slot.apply_statement_timeout(timeout, !needs_begin) {
+                    Err(e) if needs_begin => Step::Begin(e),
+                    Err(e) => Step::Setup(e),
+                    Ok(()) => run_closure(slot.conn_mut(), needs_begin, watch, f),
                 }
             };
-            if matches!(step, Step::Done(_)) && done.0.cancelled.load(Ordering::Acquire) {
+            let reason = watch.reason();
+            if let Some(limit) = timeout {
+                // The deadline passed (the timer cancelled the statement, or
+                // the server's own statement timeout did): whatever the
+                // closure made of it, the call timed out.
+                let late = started.elapsed() >= limit
+                    && matches!(step, Step::Failed(_) | Step::Panicked(_));
+                if reason == Some(Reason::Timeout) || late {
+                    if let Step::Panicked(message) = &step {
+                        tracing::debug!("a timed-out run_sync closure panicked: {message}");
+                    }
+                    step = Step::TimedOut(limit);
+                }
+            }
+            if matches!(step, Step::Done(_)) && reason.is_some() {
                 // Nobody will see the result: the work must not be committed.
                 let _ = rollback_all(slot.conn_mut());
             } else if matches!(step, Step::Done(_)) && commit {
@@ -289,8 +372,21 @@ impl<C: PoolableConnection> AsyncSession<C> {
             }
             // Dropped in this order: the connection first, then the signal.
             (pooled, step, done)
-        })
-        .await;
+        });
+        let joined = match timeout {
+            None => handle.await,
+            Some(limit) => {
+                let mut handle = handle;
+                tokio::select! {
+                    biased;
+                    joined = &mut handle => joined,
+                    () = tokio::time::sleep(limit) => {
+                        watch.cancel(Reason::Timeout);
+                        handle.await
+                    }
+                }
+            }
+        };
         flag.disarm();
         self.in_flight = None;
         let (pooled, step, _done) = joined.map_err(|e| self.lost(e))?;
@@ -326,6 +422,21 @@ impl<C: PoolableConnection> AsyncSession<C> {
             Step::Panicked(message) => {
                 self.state = State::Failed(format!("the run_sync closure panicked: {message}"));
                 Err(Error::Panic(message).into())
+            }
+            Step::Setup(e) => {
+                self.state = State::Failed(format!("setting the statement timeout failed: {e}"));
+                Err(Error::Database(e).into())
+            }
+            Step::TimedOut(limit) => {
+                self.state = State::Failed(format!(
+                    "a run_sync call timed out after {limit:?} and was cancelled"
+                ));
+                Err(Error::Timeout(limit).into())
+            }
+            Step::Skipped => {
+                let reason = "an operation was cancelled before it started".to_owned();
+                self.state = State::Failed(reason.clone());
+                Err(Error::PendingRollback(reason).into())
             }
         }
     }
@@ -468,7 +579,8 @@ impl<C: PoolableConnection> AsyncSession<C> {
     ) -> Result<T, Error> {
         let mut pooled = self.take_or_checkout().await?;
         let previous = std::mem::replace(&mut self.state, State::InFlight);
-        let (flag, done) = self.start_operation();
+        // The engine's own statements are never cancelled: no canceller.
+        let (flag, done) = self.start_operation(None);
         let joined = tokio::task::spawn_blocking(move || {
             let value = op(&mut pooled);
             (pooled, value, done)
@@ -528,6 +640,31 @@ fn has_open_transaction<C: PoolableConnection>(pooled: &mut Pooled<C>) -> bool {
     })
 }
 
+/// `BEGIN` if needed, then the user's closure, with the watch told when it
+/// runs (the only time its statement may be cancelled).
+fn run_closure<C, R, E, F>(conn: &mut C, needs_begin: bool, watch: &OpWatch, f: F) -> Step<R, E>
+where
+    C: PoolableConnection,
+    F: FnOnce(&mut C) -> Result<R, E>,
+{
+    if let Err(e) = begin_if(conn, needs_begin) {
+        return Step::Begin(e);
+    }
+    if !watch.enter() {
+        return Step::Skipped;
+    }
+    let outcome = catch_unwind(AssertUnwindSafe(|| f(conn)));
+    watch.leave();
+    match outcome {
+        // A savepoint left open (or the transaction ended) by the
+        // closure would make COMMIT release only the savepoint.
+        Ok(Ok(_)) if transaction_depth(conn) != 1 => Step::Unbalanced(transaction_depth(conn)),
+        Ok(Ok(value)) => Step::Done(value),
+        Ok(Err(e)) => Step::Failed(e),
+        Err(payload) => Step::Panicked(panic_message(payload.as_ref())),
+    }
+}
+
 fn begin_if<C: PoolableConnection>(conn: &mut C, needed: bool) -> QueryResult<()> {
     if needed {
         conn.begin_outer_transaction()
@@ -542,4 +679,47 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".into())
+}
+
+/// One call with a deadline of its own: what [`AsyncSession::with_timeout`]
+/// returns.
+#[must_use = "call run_sync or run_sync_and_commit on it"]
+pub struct WithTimeout<'a, C: PoolableConnection> {
+    session: &'a mut AsyncSession<C>,
+    timeout: Duration,
+}
+
+impl<C: PoolableConnection> std::fmt::Debug for WithTimeout<'_, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WithTimeout")
+            .field("session", &self.session)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl<C: PoolableConnection> WithTimeout<'_, C> {
+    /// [`AsyncSession::run_sync`] with this deadline.
+    pub async fn run_sync<R, E, F>(self, f: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<Error> + Send + 'static,
+    {
+        self.session
+            .run_sync_then(f, false, Some(self.timeout))
+            .await
+    }
+
+    /// [`AsyncSession::run_sync_and_commit`] with this deadline.
+    pub async fn run_sync_and_commit<R, E, F>(self, f: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<Error> + Send + 'static,
+    {
+        self.session
+            .run_sync_then(f, true, Some(self.timeout))
+            .await
+    }
 }

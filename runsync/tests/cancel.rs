@@ -1,0 +1,495 @@
+//! Cancellation that reaches the server, and deadlines, on every backend and
+//! both runtime flavours (`current::*` on tokio's current-thread runtime,
+//! `multi::*` on two workers):
+//! - a long statement whose future is dropped by a 100 ms
+//!   `tokio::time::timeout` stops on the server (PostgreSQL
+//!   `pg_cancel_backend`, MySQL/MariaDB `KILL QUERY`, SQLite
+//!   `sqlite3_interrupt`); its connection comes back and `rollback()`
+//!   returns within a second, not when the statement would have ended;
+//! - a deadline, the engine's default or one per call, returns
+//!   `Error::Timeout` within 1.5 x the deadline, and the session refuses
+//!   work until `rollback()`;
+//! - the figures of RELIABILITY.md (`figures::*`): 200 cancelled long
+//!   statements and 200 deadlines per backend, printed as `FIGURE` lines
+//!   (`RUNSYNC_CANCEL_ROUNDS=N` changes the count).
+
+mod common;
+
+use std::io::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{TestBackend, TestDb, insert_part, next_unit, settle, unit};
+use diesel::RunQueryDsl;
+use diesel::query_builder::{QueryFragment, SqlQuery};
+use diesel_runsync::{AsyncSession, Engine, EngineOptions, Error};
+
+/// A statement that keeps the server busy for about `seconds` (SQLite: at
+/// least that long on any machine here: it counts a recursive CTE).
+fn long_statement<C: TestBackend>(seconds: f64) -> String {
+    match C::NAME {
+        "postgres" => format!("SELECT pg_sleep({seconds})"),
+        "mysql" => format!("SELECT SLEEP({seconds})"),
+        _ => format!(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT {}) \
+             SELECT count(*) FROM c",
+            (seconds * 20_000_000.0) as u64
+        ),
+    }
+}
+
+/// Runs [`long_statement`] through `session`.
+async fn run_long<C: TestBackend>(
+    session: &mut AsyncSession<C>,
+    seconds: f64,
+) -> Result<usize, diesel::result::Error>
+where
+    SqlQuery: QueryFragment<C::Backend>,
+{
+    let sql = long_statement::<C>(seconds);
+    session
+        .run_sync(move |c| diesel::sql_query(sql).execute(c))
+        .await
+}
+
+/// Long statements still running on the server for this database, seen
+/// from a connection of its own (SQLite: none can be seen; the pool's
+/// state shows it instead).
+async fn long_statements_running<C: TestBackend>(db: &TestDb<C>) -> i64 {
+    let sql = match C::NAME {
+        "postgres" => {
+            "SELECT CAST(count(*) AS BIGINT) AS n FROM pg_stat_activity \
+             WHERE datname = current_database() AND state = 'active' \
+             AND query LIKE 'SELECT pg_sleep%' AND pid <> pg_backend_pid()"
+        }
+        "mysql" => {
+            "SELECT CAST(count(*) AS SIGNED) AS n FROM information_schema.processlist \
+             WHERE db = DATABASE() AND info LIKE 'SELECT SLEEP%' AND id <> CONNECTION_ID()"
+        }
+        _ => return 0,
+    };
+    db.blocking(move |c| c.scalar(sql))
+        .await
+        .expect("count running statements")
+}
+
+fn assert_idle<C: TestBackend>(engine: &Engine<C>, when: &str) {
+    let status = engine.status();
+    assert_eq!(
+        status.idle,
+        status.connections,
+        "{}: {when}: the connection is not back in the pool",
+        C::NAME
+    );
+}
+
+/// The facade error a closure's Diesel error carries, if any.
+fn facade<T: std::fmt::Debug>(result: Result<T, diesel::result::Error>) -> Error {
+    Error::from(result.expect_err("the call should have failed"))
+}
+
+async fn a_dropped_long_statement_stops_on_the_server<C: TestBackend>(db: TestDb<C>)
+where
+    SqlQuery: QueryFragment<C::Backend>,
+{
+    let engine = db.engine().await;
+    let mut session = engine.session();
+    let unit_no = next_unit();
+    session
+        .run_sync(move |c| insert_part(c, unit_no, 0))
+        .await
+        .unwrap();
+    let cut = tokio::time::timeout(Duration::from_millis(100), run_long(&mut session, 3.0)).await;
+    assert!(
+        cut.is_err(),
+        "{}: the long statement finished early",
+        C::NAME
+    );
+    let dropped = Instant::now();
+    session.rollback().await.expect("rollback");
+    let took = dropped.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "{}: rollback() took {took:?} after the drop",
+        C::NAME
+    );
+    assert_idle(&engine, "after rollback()");
+    assert_eq!(long_statements_running(&db).await, 0, "{}", C::NAME);
+    assert_eq!(db.open_transactions().await, 0, "{}", C::NAME);
+    assert_eq!(db.rows().await, 0, "{}: the cancelled part", C::NAME);
+    // The session and the engine go on.
+    unit(&mut session).await.map_err(|e| e.to_string()).unwrap();
+    session.commit().await.unwrap();
+    assert_eq!(db.rows().await, 2, "{}", C::NAME);
+    assert_eq!(db.partial_units().await, 0, "{}", C::NAME);
+    settle(&engine).await;
+}
+
+/// Without `rollback()`: the dropped operation's connection comes back to
+/// the pool by itself, about as fast.
+async fn a_dropped_statement_returns_its_connection<C: TestBackend>(db: TestDb<C>)
+where
+    SqlQuery: QueryFragment<C::Backend>,
+{
+    let engine = db.engine().await;
+    let mut session = engine.session();
+    // What the closure saw, and when: the statement ends early, with an
+    // error (MariaDB's killed SLEEP() may return 1 instead).
+    let seen = Arc::new(Mutex::new(None));
+    let record = seen.clone();
+    let sql = long_statement::<C>(3.0);
+    let cut = tokio::time::timeout(
+        Duration::from_millis(100),
+        session.run_sync(move |c| {
+            let started = Instant::now();
+            let result = diesel::sql_query(sql).execute(c);
+            *record.lock().unwrap() = Some((started.elapsed(), format!("{result:?}")));
+            result
+        }),
+    )
+    .await;
+    assert!(
+        cut.is_err(),
+        "{}: the long statement finished early",
+        C::NAME
+    );
+    let dropped = Instant::now();
+    while engine.status().idle != engine.status().connections {
+        assert!(
+            dropped.elapsed() < Duration::from_secs(1),
+            "{}: the connection is not back 1 s after the drop: {:?}",
+            C::NAME,
+            engine.status()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(long_statements_running(&db).await, 0, "{}", C::NAME);
+    let (ran, outcome) = seen.lock().unwrap().clone().expect("the closure ran");
+    eprintln!(
+        "{}: the cancelled statement returned after {ran:?}: {outcome}",
+        C::NAME
+    );
+    assert!(ran < Duration::from_secs(1), "{}: ran {ran:?}", C::NAME);
+    // The session refuses work until rollback(), then works.
+    let refused = session.run_sync(|c| insert_part(c, next_unit(), 0)).await;
+    assert!(
+        matches!(facade(refused), Error::PendingRollback(_)),
+        "{}",
+        C::NAME
+    );
+    session.rollback().await.unwrap();
+    let unit_no = next_unit();
+    engine
+        .transaction(move |c| insert_part(c, unit_no, 0))
+        .await
+        .unwrap();
+    assert_eq!(db.rows().await, 1, "{}", C::NAME);
+    assert_eq!(db.open_transactions().await, 0, "{}", C::NAME);
+    settle(&engine).await;
+}
+
+/// The engine's default deadline: `Error::Timeout` within 1.5 x, the
+/// session waits for `rollback()`, short statements pass.
+async fn the_engine_deadline_times_out<C: TestBackend>(db: TestDb<C>)
+where
+    SqlQuery: QueryFragment<C::Backend>,
+{
+    db.create_schema().await;
+    let deadline = Duration::from_millis(600);
+    let engine = db
+        .engine_with(EngineOptions::default().statement_timeout(Some(deadline)))
+        .await;
+    assert_eq!(engine.statement_timeout(), Some(deadline));
+    let mut session = engine.session();
+    assert_eq!(session.statement_timeout(), Some(deadline));
+    let unit_no = next_unit();
+    session
+        .run_sync(move |c| insert_part(c, unit_no, 0))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let error = facade(run_long(&mut session, 3.0).await);
+    let took = started.elapsed();
+    assert!(
+        matches!(error, Error::Timeout(d) if d == deadline),
+        "{}: {error}",
+        C::NAME
+    );
+    assert!(
+        took < deadline.mul_f64(1.5),
+        "{}: Timeout after {took:?}",
+        C::NAME
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("Raise the timeout") && message.contains("cheaper"),
+        "{message}"
+    );
+    // Like any failure inside a transaction: refused until rollback().
+    assert!(matches!(
+        session.commit().await,
+        Err(Error::PendingRollback(_))
+    ));
+    session.rollback().await.unwrap();
+    assert_idle(&engine, "after rollback()");
+    assert_eq!(long_statements_running(&db).await, 0, "{}", C::NAME);
+    assert_eq!(db.open_transactions().await, 0, "{}", C::NAME);
+    assert_eq!(db.rows().await, 0, "{}", C::NAME);
+    // Shorter than the deadline: fine, on the same session.
+    run_long(&mut session, if C::NAME == "sqlite" { 0.005 } else { 0.05 })
+        .await
+        .unwrap();
+    unit(&mut session).await.map_err(|e| e.to_string()).unwrap();
+    session.commit().await.unwrap();
+    assert_eq!(db.rows().await, 2, "{}", C::NAME);
+    settle(&engine).await;
+}
+
+/// A deadline per call (`with_timeout`) and per session
+/// (`set_statement_timeout`), longer or shorter than the engine's: the
+/// server-side limit follows (a longer one is not cut at the engine's).
+async fn a_per_call_deadline_overrides_the_engine<C: TestBackend>(db: TestDb<C>)
+where
+    SqlQuery: QueryFragment<C::Backend>,
+{
+    db.create_schema().await;
+    let engine_default = Duration::from_millis(600);
+    let engine = db
+        .engine_with(
+            EngineOptions::default()
+                .max_size(1)
+                .statement_timeout(Some(engine_default)),
+        )
+        .await;
+    let mut session = engine.session();
+    // Longer than the engine's: an 800 ms statement under a 2 s deadline,
+    // twice (the second in the same transaction, the server's limit already
+    // raised). SQLite has no server limit; a short count is enough there.
+    for _ in 0..2 {
+        let sql = long_statement::<C>(if C::NAME == "sqlite" { 0.05 } else { 0.8 });
+        session
+            .with_timeout(Duration::from_secs(2))
+            .run_sync(move |c| diesel::sql_query(sql).execute(c))
+            .await
+            .unwrap_or_else(|e| panic!("{}: under a 2 s deadline: {e}", C::NAME));
+    }
+    session.commit().await.unwrap();
+    // The engine's default applies again to the next call.
+    let started = Instant::now();
+    let error = facade(run_long(&mut session, 3.0).await);
+    assert!(
+        matches!(error, Error::Timeout(d) if d == engine_default),
+        "{}: {error}",
+        C::NAME
+    );
+    assert!(started.elapsed() < engine_default.mul_f64(1.5));
+    session.rollback().await.unwrap();
+    // Shorter than the engine's, for one call.
+    let per_call = Duration::from_millis(400);
+    let started = Instant::now();
+    let sql = long_statement::<C>(3.0);
+    let error = facade(
+        session
+            .with_timeout(per_call)
+            .run_sync(move |c| diesel::sql_query(sql).execute(c))
+            .await,
+    );
+    let took = started.elapsed();
+    assert!(
+        matches!(error, Error::Timeout(d) if d == per_call),
+        "{}: {error}",
+        C::NAME
+    );
+    assert!(
+        took < per_call.mul_f64(1.5),
+        "{}: Timeout after {took:?}",
+        C::NAME
+    );
+    session.rollback().await.unwrap();
+    // For the session, none at all: an 800 ms statement passes the
+    // engine's 600 ms.
+    session.set_statement_timeout(None);
+    let sql = long_statement::<C>(if C::NAME == "sqlite" { 0.05 } else { 0.8 });
+    session
+        .run_sync_and_commit(move |c| diesel::sql_query(sql).execute(c))
+        .await
+        .unwrap_or_else(|e| panic!("{}: without a deadline: {e}", C::NAME));
+    // A closure with its own error type gets the Timeout through From<Error>.
+    session.set_statement_timeout(Some(per_call));
+    let sql = long_statement::<C>(3.0);
+    let mine = session
+        .run_sync(move |c| {
+            diesel::sql_query(sql)
+                .execute(c)
+                .map_err(common::TestError::from)
+        })
+        .await;
+    assert!(
+        matches!(mine, Err(common::TestError::Session(Error::Timeout(_)))),
+        "{}: {:?}",
+        C::NAME,
+        mine.map_err(|e| e.to_string())
+    );
+    session.rollback().await.unwrap();
+    assert_idle(&engine, "at the end");
+    assert_eq!(long_statements_running(&db).await, 0, "{}", C::NAME);
+    assert_eq!(db.open_transactions().await, 0, "{}", C::NAME);
+    settle(&engine).await;
+}
+
+mod current {
+    use super::*;
+    use crate::common::per_backend;
+
+    per_backend!(a_dropped_long_statement_stops_on_the_server);
+    per_backend!(a_dropped_statement_returns_its_connection);
+    per_backend!(the_engine_deadline_times_out);
+    per_backend!(a_per_call_deadline_overrides_the_engine);
+}
+
+mod multi {
+    use super::*;
+    use crate::common::per_backend;
+
+    per_backend!(a_dropped_long_statement_stops_on_the_server, multi_thread);
+    per_backend!(a_dropped_statement_returns_its_connection, multi_thread);
+    per_backend!(the_engine_deadline_times_out, multi_thread);
+    per_backend!(a_per_call_deadline_overrides_the_engine, multi_thread);
+}
+
+/// One line of the figures RELIABILITY.md quotes.
+fn figure(line: String) {
+    let _ = writeln!(std::io::stderr(), "FIGURE {line}");
+}
+
+fn rounds() -> usize {
+    std::env::var("RUNSYNC_CANCEL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}
+
+/// Median, 99th percentile and maximum, in milliseconds.
+fn spread(mut times: Vec<Duration>) -> (f64, f64, f64) {
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let n = times.len();
+    (
+        ms(times[n / 2]),
+        ms(times[(n * 99).div_ceil(100) - 1]),
+        ms(times[n - 1]),
+    )
+}
+
+/// 200 long statements (3 s), each cancelled by a 100 ms timeout after a
+/// first part was written in the same transaction; the time from the drop
+/// until `rollback()` returned with the connection back in the pool. Then
+/// 200 deadlines of 300 ms (half the engine's default, half per call).
+async fn cancel_figures<C: TestBackend>(db: TestDb<C>)
+where
+    SqlQuery: QueryFragment<C::Backend>,
+{
+    let rounds = rounds();
+    let engine = db.migrated_engine(2, Duration::from_secs(5)).await;
+    let mut session = engine.session();
+    let mut back = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let unit_no = next_unit();
+        session
+            .run_sync(move |c| insert_part(c, unit_no, 0))
+            .await
+            .unwrap();
+        let cut =
+            tokio::time::timeout(Duration::from_millis(100), run_long(&mut session, 3.0)).await;
+        assert!(
+            cut.is_err(),
+            "{}: the long statement finished early",
+            C::NAME
+        );
+        let dropped = Instant::now();
+        session.rollback().await.expect("rollback");
+        back.push(dropped.elapsed());
+        assert_idle(&engine, "after rollback()");
+        // A whole unit, committed, between the cancelled ones.
+        unit(&mut session).await.map_err(|e| e.to_string()).unwrap();
+        session.commit().await.unwrap();
+    }
+    let running = long_statements_running(&db).await;
+    let open = db.open_transactions().await;
+    let partial = db.partial_units().await;
+    let rows = db.rows().await;
+    let (median, p99, max) = spread(back);
+    figure(format!(
+        "{} cancel: {rounds} long statements (3 s) cut by a 100 ms timeout: drop -> rollback() \
+         returned, connection back in the pool: median {median:.1} ms, p99 {p99:.1} ms, max \
+         {max:.1} ms; still running on the server {running}; open tx {open}; partial units \
+         {partial}; rows {rows} (= 2 x {rounds})",
+        C::NAME
+    ));
+    assert!(p99 <= 250.0, "{}: p99 {p99:.1} ms > 250 ms", C::NAME);
+    assert_eq!((running, open, partial), (0, 0, 0), "{}", C::NAME);
+    assert_eq!(rows, 2 * rounds as i64, "{}", C::NAME);
+
+    // Deadlines: half the engine's default, half per call.
+    let deadline = Duration::from_millis(300);
+    let timed = db
+        .engine_with(
+            EngineOptions::default()
+                .max_size(2)
+                .statement_timeout(Some(deadline)),
+        )
+        .await;
+    let mut session = timed.session();
+    let mut taken = Vec::with_capacity(rounds);
+    let mut timeouts = 0;
+    for round in 0..rounds {
+        let sql = long_statement::<C>(3.0);
+        let started = Instant::now();
+        let result = if round % 2 == 0 {
+            session
+                .run_sync(move |c| diesel::sql_query(sql).execute(c))
+                .await
+        } else {
+            session
+                .with_timeout(deadline)
+                .run_sync(move |c| diesel::sql_query(sql).execute(c))
+                .await
+        };
+        let took = started.elapsed();
+        if matches!(facade(result), Error::Timeout(d) if d == deadline) {
+            timeouts += 1;
+        }
+        taken.push(took);
+        session.rollback().await.unwrap();
+    }
+    let (median, p99, max) = spread(taken.clone());
+    let within = taken.iter().filter(|t| **t < deadline.mul_f64(1.5)).count();
+    settle(&timed).await;
+    let open = db.open_transactions().await;
+    let running = long_statements_running(&db).await;
+    figure(format!(
+        "{} deadline: {rounds} calls of a 3 s statement under a {} ms deadline (engine default \
+         and per call, alternately): Error::Timeout {timeouts}/{rounds}; within 1.5 x ({} ms) \
+         {within}/{rounds}; call -> Timeout median {median:.1} ms, p99 {p99:.1} ms, max {max:.1} \
+         ms; still running {running}; open tx {open}",
+        C::NAME,
+        deadline.as_millis(),
+        deadline.mul_f64(1.5).as_millis(),
+    ));
+    assert_eq!(timeouts, rounds, "{}", C::NAME);
+    // Each within 1.5 x on an idle machine; on a loaded one a rare call
+    // waits longer for a CPU (reported above): p99 must hold regardless.
+    assert!(
+        p99 < deadline.as_secs_f64() * 1500.0,
+        "{}: p99 {p99:.1} ms, {within}/{rounds} within 1.5 x",
+        C::NAME
+    );
+    assert_eq!((running, open), (0, 0), "{}", C::NAME);
+}
+
+mod figures {
+    use super::*;
+    use crate::common::per_backend;
+
+    per_backend!(cancel_figures, multi_thread);
+}
