@@ -13,7 +13,7 @@
 mod common;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{TestBackend, TestDb, insert_part, next_unit, settle};
 use diesel::RunQueryDsl;
@@ -231,7 +231,7 @@ async fn a_failed_rollback_is_reported<C: TestBackend>(db: TestDb<C>, kill: fn(i
         .unwrap();
     // Give the server a moment to end the connection.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let started = Instant::now();
+    let started = std::time::Instant::now();
     let rolled_back = session.rollback().await;
     assert!(
         rolled_back.is_err(),
