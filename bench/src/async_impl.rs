@@ -17,6 +17,10 @@ use diesel::{
     SelectableHelper,
 };
 use diesel_async::pg::AsyncPgConnection;
+use diesel_async::pooled_connection::bb8::Pool as Bb8Pool;
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AnsiTransactionManager, TransactionManager};
 use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl, SimpleAsyncConnection};
@@ -509,6 +513,145 @@ impl PeerConn {
             PeerConn::Pg(conn) => pk_select!(conn, id),
             PeerConn::Mysql(conn) => pk_select!(conn, id),
             PeerConn::Sqlite(conn) => pk_select!(conn, id),
+        }
+        Ok(())
+    }
+}
+
+/// The load figures' unit of work on one connection: BEGIN (IMMEDIATE on
+/// SQLite), a parent by key, its children, UPDATE the parent, COMMIT
+/// (ROLLBACK on an error).
+macro_rules! unit_for {
+    ($name:ident, $conn:ty, $begin:path) => {
+        async fn $name(conn: &mut $conn, id: i32) -> QueryResult<()> {
+            type Tm = <$conn as AsyncConnection>::TransactionManager;
+            $begin(conn).await?;
+            let result = async {
+                let parent: A = a::table.find(id).select(A::as_select()).first(conn).await?;
+                let _children: Vec<B> = B::belonging_to(&parent)
+                    .select(B::as_select())
+                    .load(conn)
+                    .await?;
+                diesel::update(a::table.find(parent.id))
+                    .set(a::data.eq("c"))
+                    .execute(conn)
+                    .await?;
+                QueryResult::Ok(())
+            }
+            .await;
+            match result {
+                Ok(()) => Tm::commit_transaction(conn).await,
+                Err(e) => {
+                    let _ = Tm::rollback_transaction(conn).await;
+                    Err(e)
+                }
+            }
+        }
+    };
+}
+
+unit_for!(unit_pg, AsyncPgConnection, begin_ansi);
+unit_for!(unit_mysql, AsyncMysqlConnection, begin_ansi);
+unit_for!(unit_sqlite, AsyncSqliteConnection, begin_sqlite);
+
+/// A diesel-async bb8 pool (`diesel_async::pooled_connection::bb8`) of any
+/// backend, for the load figures.
+pub enum PeerPool {
+    /// PostgreSQL.
+    Pg(Bb8Pool<AsyncPgConnection>),
+    /// MySQL/MariaDB.
+    Mysql(Bb8Pool<AsyncMysqlConnection>),
+    /// SQLite through the wrapper.
+    Sqlite(Bb8Pool<AsyncSqliteConnection>),
+}
+
+/// bb8 with diesel-async's manager, set for its best showing: no `SELECT 1`
+/// on checkout (`RecyclingMethod::Fast`, `test_on_check_out(false)`; the
+/// default verifies every checkout with one more round trip), `size`
+/// connections, all opened before this returns.
+async fn bb8_pool<C>(
+    url: &str,
+    size: u32,
+    mut config: ManagerConfig<C>,
+) -> anyhow::Result<Bb8Pool<C>>
+where
+    C: diesel_async::pooled_connection::PoolableConnection + Send + 'static,
+    AsyncDieselConnectionManager<C>: bb8::ManageConnection,
+    <AsyncDieselConnectionManager<C> as bb8::ManageConnection>::Error:
+        std::error::Error + Send + Sync + 'static,
+{
+    config.recycling_method = RecyclingMethod::Fast;
+    let manager = AsyncDieselConnectionManager::<C>::new_with_config(url, config);
+    let pool = Bb8Pool::builder()
+        .max_size(size)
+        .min_idle(Some(size))
+        .test_on_check_out(false)
+        .connection_timeout(std::time::Duration::from_secs(60))
+        .build(manager)
+        .await?;
+    {
+        // Hold every connection at once, so all are open before the clock.
+        let mut held = Vec::new();
+        for _ in 0..size {
+            held.push(pool.get().await.map_err(|e| anyhow::anyhow!("{e}"))?);
+        }
+    }
+    Ok(pool)
+}
+
+impl PeerPool {
+    /// A pool of `size` connections to `url`.
+    pub async fn open(
+        backend: diesel_runsync::Backend,
+        url: &str,
+        size: u32,
+    ) -> anyhow::Result<Self> {
+        use diesel_runsync::Backend;
+        Ok(match backend {
+            Backend::Postgres => PeerPool::Pg(bb8_pool(url, size, ManagerConfig::default()).await?),
+            Backend::Mysql => PeerPool::Mysql(bb8_pool(url, size, ManagerConfig::default()).await?),
+            Backend::Sqlite => {
+                let mut config = ManagerConfig::<AsyncSqliteConnection>::default();
+                // The facade's pragmas on every new connection.
+                config.custom_setup = Box::new(|url| {
+                    let url = url.to_owned();
+                    Box::pin(async move {
+                        let mut conn = AsyncSqliteConnection::establish(&url).await?;
+                        conn.batch_execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000; \
+                             PRAGMA foreign_keys = ON;",
+                        )
+                        .await
+                        .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+                        Ok(conn)
+                    })
+                });
+                PeerPool::Sqlite(bb8_pool(url, size, config).await?)
+            }
+        })
+    }
+
+    /// Connections open.
+    pub fn size(&self) -> u32 {
+        match self {
+            PeerPool::Pg(p) => p.state().connections,
+            PeerPool::Mysql(p) => p.state().connections,
+            PeerPool::Sqlite(p) => p.state().connections,
+        }
+    }
+
+    /// One unit of work on a pooled connection.
+    pub async fn unit(&self, id: i32) -> anyhow::Result<()> {
+        macro_rules! on {
+            ($pool:expr, $unit:path) => {{
+                let mut conn = $pool.get().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                $unit(&mut conn, id).await?;
+            }};
+        }
+        match self {
+            PeerPool::Pg(p) => on!(p, unit_pg),
+            PeerPool::Mysql(p) => on!(p, unit_mysql),
+            PeerPool::Sqlite(p) => on!(p, unit_sqlite),
         }
         Ok(())
     }

@@ -14,6 +14,10 @@
 //! implementations therefore run their timed phases with the same
 //! instrumentation: this counter and nothing else. Installing it is untimed
 //! (see `sync_impls::facade`).
+//!
+//! sqlx counts differently: `sqlx_impl.rs` calls [`Counter::statement`]
+//! once per statement it sends (BEGIN/COMMIT not counted), one relaxed
+//! increment each.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +42,12 @@ impl Counter {
     pub fn queries(&self) -> u64 {
         let starts = self.starts.load(Ordering::Relaxed);
         starts.saturating_sub(self.transaction_events.load(Ordering::Relaxed))
+    }
+
+    /// Counts one statement sent by code that counts for itself (the sqlx
+    /// implementation: sqlx has no per-statement hook to install).
+    pub fn statement(&self) {
+        self.starts.fetch_add(1, Ordering::Relaxed);
     }
 
     /// An instrumentation feeding this counter (it only counts).

@@ -1,8 +1,11 @@
-//! Micro figures (one round trip through the facade) and concurrency
-//! (C tasks of short transactions through sessions, beside `pgbench`).
+//! Micro figures (one round trip through the facade), the load figures (C
+//! tasks running short units of work through the facade, sync threads,
+//! diesel-async's bb8 pool and sqlx's pool, beside `pgbench`) and the
+//! round-trip floor (pgbench's single-client latency for one statement).
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -11,7 +14,7 @@ use diesel_runsync::{DatabaseUrl, Engine, EngineOptions, Error, PoolableConnecti
 use greenlet_orm::AnyConnection;
 
 use crate::Rng;
-use crate::sync_impls::{select_by_key, select_update};
+use crate::sync_impls::{select_by_key, unit_of_work};
 
 /// Samples of the micro figures.
 #[derive(Default)]
@@ -36,6 +39,8 @@ pub struct Micro {
     pub pk_sync: Vec<Duration>,
     /// One PK SELECT with diesel-async in an open transaction.
     pub pk_peer: Vec<Duration>,
+    /// One PK SELECT with sqlx in an open transaction.
+    pub pk_sqlx: Vec<Duration>,
     /// Diagnostic: one PK SELECT on a raw connection moved into a bare
     /// `tokio::task::spawn_blocking` and back (the facade's hop, none of its
     /// bookkeeping).
@@ -62,6 +67,7 @@ pub async fn micro(
     // would hold the write lock the facade's session needs.
     <AnyConnection as diesel::Connection>::TransactionManager::begin_transaction(&mut raw)?;
     let mut peer = crate::async_impl::PeerConn::open(backend, url).await?;
+    let mut sqlx_tx = crate::sqlx_impl::SqlxTx::open(backend, url).await?;
     let mut hop = Some(<AnyConnection as PoolableConnection>::connect(
         &DatabaseUrl::parse(url)?,
     )?);
@@ -125,6 +131,14 @@ pub async fn micro(
 
         for _ in 0..chunk {
             let id = rng.key(rows);
+            let t = Instant::now();
+            sqlx_tx.pk_select(id).await?;
+            scratch.push(t.elapsed());
+        }
+        record(&mut m.pk_sqlx, &mut scratch);
+
+        for _ in 0..chunk {
+            let id = rng.key(rows);
             let mut conn = hop.take().expect("the connection comes back each time");
             let t = Instant::now();
             let (conn, selected) = tokio::task::spawn_blocking(move || {
@@ -165,19 +179,108 @@ pub async fn micro(
     Ok(m)
 }
 
-/// What one concurrency level gave.
+/// What one implementation gave at one concurrency level.
 pub struct Load {
-    /// Transactions committed.
+    /// Units of work committed.
     pub transactions: usize,
+    /// Units of work that failed (each rolled back; the task went on).
+    pub failures: usize,
+    /// The first failure's message.
+    pub first_error: Option<String>,
     /// Wall time of the run.
     pub elapsed: Duration,
-    /// Each transaction's latency, checkout wait included.
+    /// Each committed unit's latency, the wait for a connection included.
     pub latencies: Vec<Duration>,
+    /// Connections the implementation had open at the end.
+    pub connections: u32,
 }
 
-/// `clients` tasks, each running `SELECT a by key; UPDATE it` transactions
-/// through `Engine::transaction` (one hop each) on one engine (pool of
-/// `pool_size`) for `duration`.
+/// What one task of [`drive`] recorded.
+struct TaskRecord {
+    latencies: Vec<Duration>,
+    failures: usize,
+    first_error: Option<String>,
+}
+
+impl TaskRecord {
+    fn new() -> Self {
+        TaskRecord {
+            latencies: Vec::new(),
+            failures: 0,
+            first_error: None,
+        }
+    }
+
+    fn record<E: std::fmt::Display>(&mut self, started: Instant, result: Result<(), E>) {
+        match result {
+            Ok(()) => self.latencies.push(started.elapsed()),
+            Err(e) => {
+                self.failures += 1;
+                self.first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+}
+
+fn collect(records: Vec<TaskRecord>, elapsed: Duration, connections: u32) -> Load {
+    let mut load = Load {
+        transactions: 0,
+        failures: 0,
+        first_error: None,
+        elapsed,
+        latencies: Vec::new(),
+        connections,
+    };
+    for r in records {
+        load.failures += r.failures;
+        if load.first_error.is_none() {
+            load.first_error = r.first_error;
+        }
+        load.latencies.extend(r.latencies);
+    }
+    load.transactions = load.latencies.len();
+    load
+}
+
+/// `clients` tokio tasks, each running `unit(key)` with random keys in
+/// 1..=rows, one after another, until `duration` has passed.
+async fn drive<U, Fut, E>(
+    rows: usize,
+    clients: usize,
+    duration: Duration,
+    unit: U,
+) -> Vec<TaskRecord>
+where
+    U: Fn(i32) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::with_capacity(clients);
+    for client in 0..clients {
+        let unit = unit.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(client as u64 + 1);
+            let mut record = TaskRecord::new();
+            while Instant::now() < deadline {
+                let id = rng.key(rows);
+                let t = Instant::now();
+                let result = unit(id).await;
+                record.record(t, result);
+            }
+            record
+        }));
+    }
+    let mut records = Vec::with_capacity(clients);
+    for task in tasks {
+        records.push(task.await.expect("a load task panicked"));
+    }
+    records
+}
+
+/// The facade: each unit is `engine.transaction(|conn| unit_of_work(conn,
+/// id))`, one blocking-pool hop carrying BEGIN, the three statements and
+/// COMMIT, on one engine with a pool of `pool_size`.
 pub async fn facade_load(
     url: &str,
     rows: usize,
@@ -209,124 +312,270 @@ pub async fn facade_load(
     }
 
     let started = Instant::now();
-    let deadline = started + duration;
-    let mut tasks = Vec::with_capacity(clients);
-    for client in 0..clients {
-        let engine = engine.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut rng = Rng::new(client as u64 + 1);
-            let mut latencies = Vec::new();
-            while Instant::now() < deadline {
-                let id = rng.key(rows);
-                let t = Instant::now();
-                // One hop: BEGIN, SELECT, UPDATE, COMMIT.
-                engine
-                    .transaction(move |conn| select_update(conn, id))
-                    .await?;
-                latencies.push(t.elapsed());
-            }
-            Ok::<_, diesel::result::Error>(latencies)
-        }));
-    }
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await??);
-    }
-    let elapsed = started.elapsed();
-    Ok(Load {
-        transactions: latencies.len(),
-        elapsed,
-        latencies,
+    let unit_engine = engine.clone();
+    let records = drive(rows, clients, duration, move |id| {
+        let engine = unit_engine.clone();
+        async move { engine.transaction(move |conn| unit_of_work(conn, id)).await }
     })
+    .await;
+    let elapsed = started.elapsed();
+    Ok(collect(records, elapsed, engine.status().connections))
 }
 
-/// pgbench's figures for the same transaction.
-pub struct PgbenchLoad {
-    /// pgbench's own tps, without connection time.
-    pub tps: f64,
-    /// Per-transaction latencies from its `-l` log.
-    pub latencies_us: Vec<f64>,
-    /// The command run.
-    pub command: String,
+/// diesel-async on its bb8 pool of `pool_size` connections: each unit
+/// checks a connection out and awaits BEGIN, the three statements and
+/// COMMIT on it.
+pub async fn diesel_async_load(
+    backend: diesel_runsync::Backend,
+    url: &str,
+    rows: usize,
+    clients: usize,
+    duration: Duration,
+    pool_size: u32,
+) -> anyhow::Result<Load> {
+    let pool = Arc::new(crate::async_impl::PeerPool::open(backend, url, pool_size).await?);
+    let started = Instant::now();
+    let unit_pool = pool.clone();
+    let records = drive(rows, clients, duration, move |id| {
+        let pool = unit_pool.clone();
+        async move { pool.unit(id).await }
+    })
+    .await;
+    let elapsed = started.elapsed();
+    Ok(collect(records, elapsed, pool.size()))
 }
 
-/// The custom script: the same transaction as [`facade_load`]'s, with
-/// prepared statements (diesel caches them too).
-pub const PGBENCH_SCRIPT: &str = "\\set id random(1, :rows)
-BEGIN;
-SELECT id, data FROM a WHERE id = :id;
-UPDATE a SET data = 'c' WHERE id = :id;
-COMMIT;
-";
+/// sqlx on its pool of `pool_size` connections: each unit is
+/// `pool.begin()`, the three statements, `commit()`.
+pub async fn sqlx_load(
+    backend: diesel_runsync::Backend,
+    url: &str,
+    rows: usize,
+    clients: usize,
+    duration: Duration,
+    pool_size: u32,
+) -> anyhow::Result<Load> {
+    let pool = crate::sqlx_impl::AnyPool::open(backend, url, pool_size).await?;
+    let started = Instant::now();
+    let unit_pool = pool.clone();
+    let records = drive(rows, clients, duration, move |id| {
+        let pool = unit_pool.clone();
+        async move { pool.unit(id).await }
+    })
+    .await;
+    let elapsed = started.elapsed();
+    let connections = pool.size();
+    pool.close().await;
+    Ok(collect(records, elapsed, connections))
+}
 
-/// Runs pgbench with `clients` connections for `duration` and reads its log.
-/// The floor of any thread-per-connection design: `clients` OS threads,
-/// each with its own raw connection (opened before the clock starts), running
-/// the same transactions (BEGIN, SELECT, UPDATE, COMMIT) for `duration`; no
-/// tokio, no pool.
+/// A blocking pool for [`sync_threads_load`]: a stack of connections behind
+/// a mutex, threads waiting on a condition variable when it is empty.
+struct BlockingPool {
+    idle: Mutex<Vec<AnyConnection>>,
+    returned: Condvar,
+}
+
+impl BlockingPool {
+    fn get(&self) -> AnyConnection {
+        let mut idle = self.idle.lock().expect("pool mutex");
+        loop {
+            if let Some(conn) = idle.pop() {
+                return conn;
+            }
+            idle = self.returned.wait(idle).expect("pool mutex");
+        }
+    }
+
+    fn put(&self, conn: AnyConnection) {
+        self.idle.lock().expect("pool mutex").push(conn);
+        self.returned.notify_one();
+    }
+}
+
+fn sync_unit(conn: &mut AnyConnection, id: i32) -> diesel::QueryResult<()> {
+    conn.begin_outer_transaction()?;
+    match unit_of_work(conn, id) {
+        Ok(()) => {
+            <AnyConnection as diesel::Connection>::TransactionManager::commit_transaction(conn)
+        }
+        Err(e) => {
+            let _ = <AnyConnection as diesel::Connection>::TransactionManager::rollback_transaction(
+                conn,
+            );
+            Err(e)
+        }
+    }
+}
+
+/// Sync Diesel without tokio: `clients` OS threads sharing `pool_size` raw
+/// connections (opened before the clock starts) through a blocking pool
+/// (a mutex and a condition variable, as r2d2 does it), each running the
+/// same units (BEGIN, the three statements, COMMIT).
 pub fn sync_threads_load(
     url: &str,
     rows: usize,
     clients: usize,
     duration: Duration,
+    pool_size: u32,
 ) -> anyhow::Result<Load> {
     let url = DatabaseUrl::parse(url)?;
-    let mut conns = Vec::with_capacity(clients);
-    for _ in 0..clients {
+    let mut conns = Vec::with_capacity(pool_size as usize);
+    for _ in 0..pool_size {
         conns.push(<AnyConnection as PoolableConnection>::connect(&url)?);
     }
+    let pool = Arc::new(BlockingPool {
+        idle: Mutex::new(conns),
+        returned: Condvar::new(),
+    });
     let started = Instant::now();
     let deadline = started + duration;
-    let threads: Vec<_> = conns
-        .into_iter()
-        .enumerate()
-        .map(|(client, mut conn)| {
-            std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
+    let threads: Vec<_> = (0..clients)
+        .map(|client| {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
                 let mut rng = Rng::new(client as u64 + 1);
-                let mut latencies = Vec::new();
+                let mut record = TaskRecord::new();
                 while Instant::now() < deadline {
                     let id = rng.key(rows);
                     let t = Instant::now();
-                    conn.begin_outer_transaction()?;
-                    select_update(&mut conn, id)?;
-                    <AnyConnection as diesel::Connection>::TransactionManager::commit_transaction(
-                        &mut conn,
-                    )?;
-                    latencies.push(t.elapsed());
+                    let mut conn = pool.get();
+                    let result = sync_unit(&mut conn, id);
+                    pool.put(conn);
+                    record.record(t, result);
                 }
-                Ok(latencies)
+                record
             })
         })
         .collect();
-    let mut latencies = Vec::new();
+    let mut records = Vec::with_capacity(clients);
     for thread in threads {
-        latencies.extend(
+        records.push(
             thread
                 .join()
-                .map_err(|_| anyhow::anyhow!("a load thread panicked"))??,
+                .map_err(|_| anyhow::anyhow!("a load thread panicked"))?,
         );
     }
-    Ok(Load {
-        transactions: latencies.len(),
-        elapsed: started.elapsed(),
-        latencies,
-    })
+    let elapsed = started.elapsed();
+    Ok(collect(records, elapsed, pool_size))
 }
 
+/// pgbench's figures for the same unit of work.
+pub struct PgbenchLoad {
+    /// pgbench's own tps, without connection time.
+    pub tps: f64,
+    /// Per-transaction latencies from its `-l` log.
+    pub latencies_us: Vec<f64>,
+    /// Failed transactions, as pgbench reports them.
+    pub failures: usize,
+    /// Its connections (= its clients).
+    pub clients: usize,
+    /// The command run.
+    pub command: String,
+}
+
+/// The custom script: the same unit of work as the others', with prepared
+/// statements (diesel and sqlx cache theirs too).
+pub const PGBENCH_SCRIPT: &str = "\\set id random(1, :rows)
+BEGIN;
+SELECT id, data FROM a WHERE id = :id;
+SELECT id, a_id, data FROM b WHERE a_id = :id;
+UPDATE a SET data = 'c' WHERE id = :id;
+COMMIT;
+";
+
+/// The floor's script: the lazy phase's child SELECT, one per transaction.
+pub const PGBENCH_FLOOR_SCRIPT: &str = "\\set id random(1, :rows)
+SELECT id, a_id, data FROM b WHERE a_id = :id;
+";
+
+/// Runs pgbench with `args` + the script `script` in a fresh directory;
+/// `None` when there is no pgbench binary.
+fn run_pgbench(
+    pgbench: &str,
+    tag: &str,
+    script: &str,
+    mut args: Vec<String>,
+    url: &str,
+) -> anyhow::Result<Option<(String, String, PathBuf)>> {
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("runsync-pgbench-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("script.sql"), script)?;
+    args.extend(["-f".into(), "script.sql".into(), url.into()]);
+    let command = format!("pgbench {}", args.join(" "));
+    let output = match Command::new(pgbench).args(&args).current_dir(&dir).output() {
+        Ok(output) => output,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Ok(None);
+        }
+        Err(e) => return Err(e).with_context(|| format!("running {pgbench}")),
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        let _ = std::fs::remove_dir_all(&dir);
+        bail!(
+            "pgbench failed: {command}\n{}{}",
+            stdout,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(Some((command, stdout, dir)))
+}
+
+/// A number after `prefix` on a line of pgbench's output.
+fn pgbench_figure(stdout: &str, prefix: &str) -> Option<f64> {
+    stdout
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix(prefix))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+}
+
+/// pgbench's single-client latency for the lazy phase's child SELECT
+/// (`-M prepared`, keys random in 1..=rows, `transactions` of them):
+/// the round-trip floor. `None` without a pgbench binary.
+pub fn pgbench_floor(
+    pgbench: &str,
+    url: &str,
+    rows: usize,
+    transactions: usize,
+) -> anyhow::Result<Option<(f64, String)>> {
+    let args: Vec<String> = vec![
+        "-n".into(),
+        "-M".into(),
+        "prepared".into(),
+        "-c".into(),
+        "1".into(),
+        "-j".into(),
+        "1".into(),
+        "-t".into(),
+        transactions.to_string(),
+        "-D".into(),
+        format!("rows={rows}"),
+    ];
+    let Some((command, stdout, dir)) =
+        run_pgbench(pgbench, "floor", PGBENCH_FLOOR_SCRIPT, args, url)?
+    else {
+        return Ok(None);
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let ms = pgbench_figure(&stdout, "latency average = ")
+        .with_context(|| format!("no latency average in pgbench's output: {stdout}"))?;
+    Ok(Some((ms * 1000.0, command)))
+}
+
+/// Runs pgbench with `clients` connections for `duration` and reads its
+/// `-l` log. `None` without a pgbench binary.
 pub fn pgbench(
     pgbench: &str,
     url: &str,
     rows: usize,
     clients: usize,
     duration: Duration,
-) -> anyhow::Result<PgbenchLoad> {
-    let dir: PathBuf =
-        std::env::temp_dir().join(format!("runsync-pgbench-{}-{clients}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let script = dir.join("select_update.sql");
-    std::fs::write(&script, PGBENCH_SCRIPT)?;
-    let threads = clients.min(2);
+) -> anyhow::Result<Option<PgbenchLoad>> {
     let args: Vec<String> = vec![
         "-n".into(),
         "-M".into(),
@@ -334,37 +583,23 @@ pub fn pgbench(
         "-c".into(),
         clients.to_string(),
         "-j".into(),
-        threads.to_string(),
+        clients.min(2).to_string(),
         "-T".into(),
         duration.as_secs().max(1).to_string(),
         "-D".into(),
         format!("rows={rows}"),
-        "-f".into(),
-        "select_update.sql".into(),
         "-l".into(),
         "--log-prefix=pgbench_log".into(),
-        url.into(),
     ];
-    let command = format!("pgbench {}", args.join(" "));
-    let output = Command::new(pgbench)
-        .args(&args)
-        .current_dir(&dir)
-        .output()
-        .with_context(|| format!("running {pgbench}"))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!(
-            "pgbench failed: {}{}",
-            stdout,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let tps = stdout
-        .lines()
-        .find(|l| l.starts_with("tps = "))
-        .and_then(|l| l["tps = ".len()..].split_whitespace().next())
-        .and_then(|v| v.parse::<f64>().ok())
+    let Some((command, stdout, dir)) =
+        run_pgbench(pgbench, &clients.to_string(), PGBENCH_SCRIPT, args, url)?
+    else {
+        return Ok(None);
+    };
+    let tps = pgbench_figure(&stdout, "tps = ")
         .with_context(|| format!("no tps in pgbench's output: {stdout}"))?;
+    let failures =
+        pgbench_figure(&stdout, "number of failed transactions: ").unwrap_or(0.0) as usize;
     let mut latencies_us = Vec::new();
     for entry in std::fs::read_dir(&dir)? {
         let path = entry?.path();
@@ -383,9 +618,11 @@ pub fn pgbench(
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(PgbenchLoad {
+    Ok(Some(PgbenchLoad {
         tps,
         latencies_us,
+        failures,
+        clients,
         command,
-    })
+    }))
 }

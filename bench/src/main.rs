@@ -1,16 +1,22 @@
 //! The W(N) workload benchmark: W(N) (defined in `bench/WORKLOAD.md`) run
-//! by three implementations in the same process, run after run:
+//! by four implementations in the same process, run after run:
 //!
 //! - `facade`: diesel-runsync's `Engine` + `AsyncSession::run_sync` with the
 //!   sync core of the `greenlet-orm` library (`greenlet_orm::queries`,
 //!   `greenlet_orm::migrations`);
 //! - `sync`: the same functions on a raw connection, one thread, no tokio;
-//! - `diesel-async`: the same work with `diesel_async::RunQueryDsl`.
+//! - `diesel-async`: the same work with `diesel_async::RunQueryDsl`;
+//! - `sqlx`: the same statements with sqlx 0.8 (`query_as`, `QueryBuilder`).
+//!
+//! On PostgreSQL each run also measures the round-trip floor: pgbench's
+//! single-client latency (`-M prepared`) for the lazy phase's child SELECT,
+//! beside the lazy phase's time per statement.
 //!
 //! Prints one JSON line per phase per implementation per run, then summary
 //! lines (medians, ratios from the same runs). `--micro` adds round-trip
-//! figures, `--concurrency` the load test (beside `pgbench` on PostgreSQL),
-//! `--rss` the peak resident set. See BENCHMARKS.md.
+//! figures, `--concurrency` the load figures (C tasks over pools of 8,
+//! beside `pgbench` on PostgreSQL), `--rss` the peak resident set. See
+//! BENCHMARKS.md.
 //!
 //! ```text
 //! cargo run -p runsync-bench --release --bin bench -- --n 10000 --backend postgres --runs 5
@@ -19,6 +25,7 @@
 mod async_impl;
 mod count;
 mod figures;
+mod sqlx_impl;
 mod stats;
 mod sync_impls;
 
@@ -38,7 +45,7 @@ use greenlet_orm::queries::workload_families;
 use crate::count::Counter;
 use crate::stats::{median, micros, percentile};
 
-/// Runs W(N) with the facade, raw sync Diesel and diesel-async, and prints JSON lines.
+/// Runs W(N) with the facade, raw sync Diesel, diesel-async and sqlx, and prints JSON lines.
 #[derive(Debug, Parser)]
 #[command(about)]
 struct Cli {
@@ -63,7 +70,7 @@ struct Cli {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "facade,sync,diesel-async"
+        default_value = "facade,sync,diesel-async,sqlx"
     )]
     impls: Vec<Impl>,
 
@@ -87,7 +94,8 @@ struct Cli {
     #[arg(long)]
     sqlite_path: Option<PathBuf>,
 
-    /// Pool size of the facade's engine.
+    /// Pool size of the facade's engine, and of every pool of the load
+    /// figures (facade, sync threads, diesel-async's bb8, sqlx).
     #[arg(long, default_value_t = 8)]
     pool_size: u32,
 
@@ -103,12 +111,13 @@ struct Cli {
     #[arg(long, default_value_t = 20_000)]
     micro_iters: usize,
 
-    /// Concurrency: SELECT+UPDATE transactions from C tasks through sessions.
+    /// Load figures: C tasks running units of work (a parent, its children,
+    /// UPDATE, COMMIT) through each implementation's pool.
     #[arg(long)]
     concurrency: bool,
 
-    /// Client counts C for --concurrency.
-    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    /// Task counts C for --concurrency.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64,256")]
     clients: Vec<usize>,
 
     /// Seconds per concurrency level.
@@ -119,9 +128,19 @@ struct Cli {
     #[arg(long, default_value_t = 10_000)]
     rows: usize,
 
-    /// pgbench binary, run beside --concurrency on PostgreSQL ("" to skip).
+    /// pgbench binary, run beside --concurrency and for the floor on
+    /// PostgreSQL ("" to skip; skipped too when it is not installed).
     #[arg(long, default_value = "pgbench")]
     pgbench: String,
+
+    /// Most connections pgbench may open (it has one per client; the
+    /// server's max_connections is 100 by default).
+    #[arg(long, default_value_t = 64)]
+    pgbench_max_clients: usize,
+
+    /// Skip the round-trip floor (pgbench) in the W(N) runs on PostgreSQL.
+    #[arg(long)]
+    no_floor: bool,
 
     /// Print the process's peak RSS (VmHWM) at the end.
     #[arg(long)]
@@ -154,6 +173,7 @@ pub enum Impl {
     Sync,
     #[value(name = "diesel-async")]
     DieselAsync,
+    Sqlx,
     /// Diagnostic: the `sync` implementation run on a fresh `std::thread`.
     #[value(name = "sync-thread")]
     SyncThread,
@@ -169,6 +189,7 @@ impl Impl {
             Impl::Facade => "facade",
             Impl::Sync => "sync",
             Impl::DieselAsync => "diesel-async",
+            Impl::Sqlx => "sqlx",
             Impl::SyncThread => "sync-thread",
             Impl::SyncBlocking => "sync-blocking",
         }
@@ -404,13 +425,46 @@ fn workload(
     // (impl, phase) -> per-run values.
     let mut seconds: BTreeMap<(Impl, &'static str), Vec<f64>> = BTreeMap::new();
     let mut queries: BTreeMap<(Impl, &'static str), Vec<u64>> = BTreeMap::new();
+    // The floor: pgbench's µs per child SELECT, and each implementation's
+    // lazy µs per statement, run by run.
+    let floor_enabled = backend == Backend::Postgres && !cli.pgbench.is_empty() && !cli.no_floor;
+    let mut floor_us: Vec<f64> = Vec::new();
+    let mut floor_command = String::new();
+    let mut lazy_us: BTreeMap<Impl, Vec<f64>> = BTreeMap::new();
+    let mut steps: Vec<Step> = impls.iter().copied().map(Step::Run).collect();
+    if floor_enabled {
+        steps.push(Step::Floor);
+    }
     for run in 0..cli.warmup + cli.runs {
         let recorded = run >= cli.warmup;
         // Rotate the order, so no implementation always goes first.
-        let mut order = impls.clone();
+        let mut order = steps.clone();
         let len = order.len().max(1);
         order.rotate_left(run % len);
-        for imp in order {
+        let mut run_floor = None;
+        let mut run_lazy: Vec<(Impl, f64)> = Vec::new();
+        for step in order {
+            let imp = match step {
+                Step::Run(imp) => imp,
+                Step::Floor => {
+                    // The tables hold W(N)'s rows from the step before (the
+                    // floor never goes first in run 0; later runs find the
+                    // previous run's rows).
+                    let transactions = (n + 3).max(500);
+                    match figures::pgbench_floor(&cli.pgbench, url, n, transactions)? {
+                        Some((us, command)) => {
+                            run_floor = Some(us);
+                            floor_command = command;
+                        }
+                        None => {
+                            if run == 0 {
+                                eprintln!("floor: no {} binary; skipped", cli.pgbench);
+                            }
+                        }
+                    }
+                    continue;
+                }
+            };
             let phases = match imp {
                 Impl::Facade => runtime.block_on(sync_impls::facade(
                     url,
@@ -448,6 +502,20 @@ fn workload(
                         }
                     }
                 })?,
+                Impl::Sqlx => runtime.block_on(async {
+                    let size = cli.pool_size;
+                    match backend {
+                        Backend::Postgres => {
+                            sqlx_impl::postgres(url, n, &families, &counter, migration, size).await
+                        }
+                        Backend::Mysql => {
+                            sqlx_impl::mysql(url, n, &families, &counter, migration, size).await
+                        }
+                        Backend::Sqlite => {
+                            sqlx_impl::sqlite(url, n, &families, &counter, migration, size).await
+                        }
+                    }
+                })?,
             };
             if !recorded {
                 continue;
@@ -464,8 +532,23 @@ fn workload(
                 )?;
                 seconds.entry((imp, p.name)).or_default().push(p.seconds);
                 queries.entry((imp, p.name)).or_default().push(p.queries);
+                if p.name == "run_sync_lazy" && p.queries > 0 {
+                    run_lazy.push((imp, p.seconds * 1e6 / p.queries as f64));
+                }
             }
             out.flush()?;
+        }
+        if let (true, Some(floor)) = (recorded, run_floor) {
+            writeln!(
+                out,
+                "{{\"summary\": \"floor_run\", \"n\": {n}, \"backend\": \"{}\", \"pgbench_us_per_statement\": {floor:.3}, \"run\": {}}}",
+                backend.name(),
+                run - cli.warmup
+            )?;
+            floor_us.push(floor);
+            for (imp, us) in run_lazy {
+                lazy_us.entry(imp).or_default().push(us / floor);
+            }
         }
     }
 
@@ -513,6 +596,9 @@ fn workload(
     for (num, den) in [
         (Impl::Facade, Impl::Sync),
         (Impl::Facade, Impl::DieselAsync),
+        (Impl::Facade, Impl::Sqlx),
+        (Impl::Sync, Impl::Sqlx),
+        (Impl::DieselAsync, Impl::Sqlx),
     ] {
         for phase in ["run_sync_lazy", "total"] {
             let (Some(a), Some(b)) = (seconds.get(&(num, phase)), seconds.get(&(den, phase)))
@@ -542,8 +628,51 @@ fn workload(
             ));
         }
     }
+
+    // The floor: lazy time per statement / pgbench's, run by run.
+    if !floor_us.is_empty() {
+        let floor = median(&floor_us);
+        report.lines.push(format!(
+            "floor {} N={n}: pgbench -M prepared, 1 client, child SELECT: median {floor:.1} us per statement (runs: {})   [{floor_command}]",
+            backend.name(),
+            floor_us
+                .iter()
+                .map(|v| format!("{v:.1}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+        for (imp, ratios) in &lazy_us {
+            let lazy = median(&seconds[&(*imp, "run_sync_lazy")]) * 1e6
+                / median_u64(&queries[&(*imp, "run_sync_lazy")]).max(1) as f64;
+            let of_runs = median(ratios);
+            writeln!(
+                out,
+                "{{\"summary\": \"floor\", \"n\": {n}, \"backend\": \"{}\", \"impl\": \"{}\", \"lazy_us_per_statement\": {lazy:.3}, \"pgbench_us_per_statement\": {floor:.3}, \"median_of_run_ratios\": {of_runs:.4}, \"runs\": {}}}",
+                backend.name(),
+                imp.name(),
+                ratios.len()
+            )?;
+            report.lines.push(format!(
+                "floor {} N={n}: {:<13} lazy {lazy:>7.1} us per statement; / pgbench's: median of run ratios {of_runs:.3} (runs: {})",
+                backend.name(),
+                imp.name(),
+                ratios
+                    .iter()
+                    .map(|r| format!("{r:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ));
+        }
+    }
     out.flush()?;
     Ok(())
+}
+
+/// One step of a W(N) run: an implementation, or the floor (pgbench).
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Run(Impl),
+    Floor,
 }
 
 fn micro_line(
@@ -630,6 +759,7 @@ fn micro(
         "diesel-async",
         &m.pk_peer,
     )?;
+    micro_line(out, report, backend, "pk_select", "sqlx", &m.pk_sqlx)?;
     micro_line(
         out,
         report,
@@ -642,6 +772,74 @@ fn micro(
     Ok(())
 }
 
+/// One implementation's figures at one load level.
+struct LoadFigures {
+    name: String,
+    connections: usize,
+    seconds: f64,
+    transactions: usize,
+    failures: usize,
+    tps: f64,
+    p50: f64,
+    p99: f64,
+    mean: f64,
+    max: f64,
+    /// One of the 8-connection pools (the goal's "others"), not pgbench.
+    pooled: bool,
+}
+
+impl LoadFigures {
+    fn from_load(name: &str, load: &figures::Load) -> Self {
+        let us = micros(&load.latencies);
+        LoadFigures::new(
+            name,
+            load.connections as usize,
+            load.elapsed.as_secs_f64(),
+            load.transactions as f64 / load.elapsed.as_secs_f64(),
+            &us,
+            load.failures,
+            true,
+        )
+    }
+
+    fn new(
+        name: &str,
+        connections: usize,
+        seconds: f64,
+        tps: f64,
+        us: &[f64],
+        failures: usize,
+        pooled: bool,
+    ) -> Self {
+        LoadFigures {
+            name: name.to_owned(),
+            connections,
+            seconds,
+            transactions: us.len(),
+            failures,
+            tps,
+            p50: median(us),
+            p99: percentile(us, 99.0),
+            mean: us.iter().sum::<f64>() / us.len().max(1) as f64,
+            max: us.iter().copied().fold(0.0, f64::max),
+            pooled,
+        }
+    }
+}
+
+/// One load level's participants.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Loader {
+    Facade,
+    SyncThreads,
+    DieselAsync,
+    Sqlx,
+    /// pgbench with one connection per client (at most --pgbench-max-clients).
+    Pgbench,
+    /// pgbench with the pools' connection count (for C above it).
+    PgbenchPool,
+}
+
 fn concurrency(
     cli: &Cli,
     runtime: &tokio::runtime::Runtime,
@@ -652,66 +850,159 @@ fn concurrency(
 ) -> anyhow::Result<()> {
     sync_impls::prepare_rows(url, cli.rows)?;
     let duration = Duration::from_secs(cli.duration);
-    for &clients in &cli.clients {
-        let load = runtime.block_on(figures::facade_load(
-            url,
-            cli.rows,
-            clients,
-            duration,
-            cli.pool_size,
-        ))?;
-        let us = micros(&load.latencies);
-        let tps = load.transactions as f64 / load.elapsed.as_secs_f64();
-        let (p50, p99) = (median(&us), percentile(&us, 99.0));
-        let mean = us.iter().sum::<f64>() / us.len().max(1) as f64;
-        let max = us.iter().copied().fold(0.0, f64::max);
-        writeln!(
-            out,
-            "{{\"summary\": \"concurrency\", \"backend\": \"{}\", \"impl\": \"facade\", \"clients\": {clients}, \"pool\": {}, \"seconds\": {:.3}, \"transactions\": {}, \"tps\": {tps:.1}, \"p50_us\": {p50:.1}, \"p99_us\": {p99:.1}, \"mean_us\": {mean:.1}, \"max_us\": {max:.1}}}",
-            backend.name(),
-            cli.pool_size,
-            load.elapsed.as_secs_f64(),
-            load.transactions
-        )?;
-        report.lines.push(format!(
-            "concurrency {:<8} C={clients:<3} facade (pool {})  {tps:>9.1} tx/s  p50 {p50:>9.1} us  p99 {p99:>9.1} us  mean {mean:>9.1} us  max {max:>10.1} us",
-            backend.name(),
-            cli.pool_size
-        ));
-        let floor = figures::sync_threads_load(url, cli.rows, clients, duration)?;
-        let floor_us = micros(&floor.latencies);
-        let floor_tps = floor.transactions as f64 / floor.elapsed.as_secs_f64();
-        let (f50, f99) = (median(&floor_us), percentile(&floor_us, 99.0));
-        writeln!(
-            out,
-            "{{\"summary\": \"concurrency\", \"backend\": \"{}\", \"impl\": \"sync-threads\", \"clients\": {clients}, \"pool\": {clients}, \"seconds\": {:.3}, \"transactions\": {}, \"tps\": {floor_tps:.1}, \"p50_us\": {f50:.1}, \"p99_us\": {f99:.1}}}",
-            backend.name(),
-            floor.elapsed.as_secs_f64(),
-            floor.transactions
-        )?;
-        report.lines.push(format!(
-            "concurrency {:<8} C={clients:<3} sync-threads ({clients} conns) {floor_tps:>9.1} tx/s  p50 {f50:>9.1} us  p99 {f99:>9.1} us   facade/sync-threads = {:.3}",
-            backend.name(),
-            tps / floor_tps
-        ));
-        if backend == Backend::Postgres && !cli.pgbench.is_empty() {
-            let pg = figures::pgbench(&cli.pgbench, url, cli.rows, clients, duration)?;
-            let (p50, p99) = (median(&pg.latencies_us), percentile(&pg.latencies_us, 99.0));
-            let lat = &pg.latencies_us;
-            let mean = lat.iter().sum::<f64>() / lat.len().max(1) as f64;
-            let max = lat.iter().copied().fold(0.0, f64::max);
+    let size = cli.pool_size;
+    let mut loaders = Vec::new();
+    for imp in &cli.impls {
+        let loader = match imp {
+            Impl::Facade => Loader::Facade,
+            Impl::Sync => Loader::SyncThreads,
+            Impl::DieselAsync => Loader::DieselAsync,
+            Impl::Sqlx => Loader::Sqlx,
+            Impl::SyncThread | Impl::SyncBlocking => continue,
+        };
+        if !loaders.contains(&loader) {
+            loaders.push(loader);
+        }
+    }
+    let pgbench = backend == Backend::Postgres && !cli.pgbench.is_empty();
+    for (level, &clients) in cli.clients.iter().enumerate() {
+        let mut order = loaders.clone();
+        if pgbench {
+            order.push(Loader::Pgbench);
+            if clients > size as usize {
+                order.push(Loader::PgbenchPool);
+            }
+        }
+        // Rotate the order from level to level.
+        let len = order.len().max(1);
+        order.rotate_left(level % len);
+        let mut figures_at: Vec<LoadFigures> = Vec::new();
+        for loader in order {
+            let (figures, note) = match loader {
+                Loader::Facade => {
+                    let load = runtime
+                        .block_on(figures::facade_load(url, cli.rows, clients, duration, size))?;
+                    (LoadFigures::from_load("facade", &load), load.first_error)
+                }
+                Loader::SyncThreads => {
+                    let load = figures::sync_threads_load(url, cli.rows, clients, duration, size)?;
+                    (
+                        LoadFigures::from_load("sync-threads", &load),
+                        load.first_error,
+                    )
+                }
+                Loader::DieselAsync => {
+                    let load = runtime.block_on(figures::diesel_async_load(
+                        backend, url, cli.rows, clients, duration, size,
+                    ))?;
+                    (
+                        LoadFigures::from_load("diesel-async", &load),
+                        load.first_error,
+                    )
+                }
+                Loader::Sqlx => {
+                    let load = runtime.block_on(figures::sqlx_load(
+                        backend, url, cli.rows, clients, duration, size,
+                    ))?;
+                    (LoadFigures::from_load("sqlx", &load), load.first_error)
+                }
+                Loader::Pgbench | Loader::PgbenchPool => {
+                    let (name, conns) = if loader == Loader::Pgbench {
+                        ("pgbench", clients.min(cli.pgbench_max_clients))
+                    } else {
+                        ("pgbench-pool", size as usize)
+                    };
+                    let Some(pg) = figures::pgbench(&cli.pgbench, url, cli.rows, conns, duration)?
+                    else {
+                        if level == 0 && loader == Loader::Pgbench {
+                            eprintln!("concurrency: no {} binary; pgbench skipped", cli.pgbench);
+                        }
+                        continue;
+                    };
+                    let mut figures = LoadFigures::new(
+                        name,
+                        pg.clients,
+                        duration.as_secs_f64(),
+                        pg.tps,
+                        &pg.latencies_us,
+                        pg.failures,
+                        false,
+                    );
+                    figures.name = name.to_owned();
+                    (figures, Some(pg.command))
+                }
+            };
+            let f = &figures;
             writeln!(
                 out,
-                "{{\"summary\": \"concurrency\", \"backend\": \"postgres\", \"impl\": \"pgbench\", \"clients\": {clients}, \"pool\": {clients}, \"seconds\": {}, \"transactions\": {}, \"tps\": {:.1}, \"p50_us\": {p50:.1}, \"p99_us\": {p99:.1}, \"mean_us\": {mean:.1}, \"max_us\": {max:.1}}}",
-                duration.as_secs(),
-                pg.latencies_us.len(),
-                pg.tps
+                "{{\"summary\": \"concurrency\", \"backend\": \"{}\", \"impl\": \"{}\", \"clients\": {clients}, \"connections\": {}, \"seconds\": {:.3}, \"transactions\": {}, \"failures\": {}, \"tps\": {:.1}, \"p50_us\": {:.1}, \"p99_us\": {:.1}, \"mean_us\": {:.1}, \"max_us\": {:.1}}}",
+                backend.name(),
+                f.name,
+                f.connections,
+                f.seconds,
+                f.transactions,
+                f.failures,
+                f.tps,
+                f.p50,
+                f.p99,
+                f.mean,
+                f.max
             )?;
             report.lines.push(format!(
-                "concurrency postgres C={clients:<3} pgbench ({clients} conns) {:>9.1} tx/s  p50 {p50:>9.1} us  p99 {p99:>9.1} us  mean {mean:>9.1} us  max {max:>10.1} us   facade/pgbench = {:.3}   [{}]",
-                pg.tps,
-                tps / pg.tps,
-                pg.command
+                "concurrency {:<8} C={clients:<3} {:<13} ({:>2} conns) {:>9.1} tx/s  p50 {:>9.1} us  p99 {:>9.1} us  mean {:>9.1} us  max {:>10.1} us  failures {}{}",
+                backend.name(),
+                f.name,
+                f.connections,
+                f.tps,
+                f.p50,
+                f.p99,
+                f.mean,
+                f.max,
+                f.failures,
+                note.map(|n| format!("   [{n}]")).unwrap_or_default()
+            ));
+            out.flush()?;
+            figures_at.push(figures);
+        }
+        // The goal: the facade beside the best of the others (the pooled
+        // peers; and pgbench, which has its own connection per client).
+        let Some(facade) = figures_at.iter().find(|f| f.name == "facade") else {
+            continue;
+        };
+        // "pooled": the peers on 8-connection pools; "pgbench": pgbench with
+        // one connection per task (capped); "pgbench-pool": pgbench with the
+        // pools' 8 connections and no queue (the ceiling of 8 connections;
+        // its latency excludes the wait for a connection).
+        for label in ["pooled", "pgbench", "pgbench-pool"] {
+            let others: Vec<&LoadFigures> = figures_at
+                .iter()
+                .filter(|f| match label {
+                    "pooled" => f.pooled && f.name != "facade",
+                    name => f.name == name,
+                })
+                .collect();
+            let Some(best_tps) = others.iter().max_by(|a, b| a.tps.total_cmp(&b.tps)) else {
+                continue;
+            };
+            let Some(best_p99) = others.iter().min_by(|a, b| a.p99.total_cmp(&b.p99)) else {
+                continue;
+            };
+            let tps_ratio = facade.tps / best_tps.tps;
+            let p99_ratio = facade.p99 / best_p99.p99;
+            writeln!(
+                out,
+                "{{\"summary\": \"concurrency_goal\", \"backend\": \"{}\", \"clients\": {clients}, \"others\": \"{label}\", \"tps_over_best\": {tps_ratio:.4}, \"best_tps_impl\": \"{}\", \"p99_over_best\": {p99_ratio:.4}, \"best_p99_impl\": \"{}\"}}",
+                backend.name(),
+                best_tps.name,
+                best_p99.name
+            )?;
+            report.lines.push(format!(
+                "concurrency {:<8} C={clients:<3} facade vs {label}: tps {tps_ratio:.3} x {} ({:.1}), p99 {p99_ratio:.3} x {} ({:.1} us)",
+                backend.name(),
+                best_tps.name,
+                best_tps.tps,
+                best_p99.name,
+                best_p99.p99
             ));
         }
         out.flush()?;

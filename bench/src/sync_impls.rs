@@ -10,7 +10,7 @@ use diesel::connection::TransactionManager;
 use diesel::prelude::*;
 use diesel_runsync::{DatabaseUrl, Engine, EngineOptions, PoolableConnection};
 use greenlet_orm::migrations::{create_all, drop_all};
-use greenlet_orm::models::{A, Family};
+use greenlet_orm::models::{A, B, Family};
 use greenlet_orm::program::reset_schema;
 use greenlet_orm::queries::{Counts, insert_families, run_queries, run_queries_eager};
 use greenlet_orm::schema::a;
@@ -242,10 +242,12 @@ pub fn select_by_key(conn: &mut AnyConnection, id: i32) -> QueryResult<A> {
     a::table.find(id).select(A::as_select()).first(conn)
 }
 
-/// The concurrency transaction's body: SELECT a row by key, then UPDATE it.
-pub fn select_update(conn: &mut AnyConnection, id: i32) -> QueryResult<()> {
-    let row = select_by_key(conn, id)?;
-    diesel::update(a::table.find(row.id))
+/// The load figures' unit of work (inside the caller's transaction): a
+/// parent by key, its children, then UPDATE the parent.
+pub fn unit_of_work(conn: &mut AnyConnection, id: i32) -> QueryResult<()> {
+    let parent = select_by_key(conn, id)?;
+    let _children: Vec<B> = B::belonging_to(&parent).select(B::as_select()).load(conn)?;
+    diesel::update(a::table.find(parent.id))
         .set(a::data.eq("c"))
         .execute(conn)?;
     Ok(())
