@@ -9,8 +9,18 @@ use crate::queries::{Counts, insert_families, run_queries, seed_families};
 use diesel_runsync::Engine;
 
 /// Step 2: drops and recreates the schema in one transaction
-/// (`engine.begin()` + two `run_sync` calls + commit). Atomic on SQLite and
-/// PostgreSQL; MySQL commits each DDL statement on its own.
+/// (`engine.begin()` + two `run_sync` calls + commit).
+///
+/// Killed at any moment (SIGKILL included), it leaves either the previous
+/// state or a whole new one, and the next call succeeds from whatever it
+/// finds: [`drop_all`] and [`create_all`] check first and converge from any
+/// half-done state, an earlier version's included (see
+/// [`crate::migrations`]). On SQLite and PostgreSQL the transaction makes
+/// the reset atomic. MySQL commits each DDL statement on its own, so there
+/// each step is built aside and switched in by one atomic `RENAME TABLE`,
+/// bookkeeping included: between the two steps the database holds none of
+/// the schema (no table `a` or `b`, no version recorded), never half of it.
+/// `tests/reset_kill.rs` kills the real program at random moments to check this.
 pub async fn reset_schema(engine: &Engine<AnyConnection>) -> Result<(), DemoError> {
     let mut conn = engine.begin().await?;
     conn.run_sync(drop_all).await?;
