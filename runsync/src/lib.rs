@@ -87,5 +87,6 @@ pub use engine::{Engine, EngineOptions, PoolStatus};
 pub use error::{Error, Retryable};
 pub use manager::PoolableConnection;
 pub use retry::{Retried, RetryPolicy};
+pub use session::stream::{RowSink, RowStream, STREAM_BUFFER_ROWS, StreamingMode};
 pub use session::{AsyncSession, WithTimeout};
 pub use url::{Backend, DatabaseUrl};

@@ -43,6 +43,8 @@ use crate::engine::{Engine, Pooled};
 use crate::error::Error;
 use crate::manager::{PoolableConnection, Slot, rollback_all, transaction_depth};
 
+pub(crate) mod stream;
+
 /// Where a session's transaction stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
