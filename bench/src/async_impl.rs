@@ -45,6 +45,7 @@ diesel::table! {
 /// One backend's migration, as SQL text: the schema phase runs it the way
 /// diesel's `MigrationHarness` does (set up the bookkeeping table, revert
 /// the migration if recorded, apply it, record it), with `batch_execute`.
+#[derive(Clone)]
 pub struct Migration {
     /// Version as diesel records it.
     pub version: String,

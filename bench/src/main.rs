@@ -74,7 +74,7 @@ struct Cli {
     )]
     impls: Vec<Impl>,
 
-    /// PostgreSQL URL.
+    /// PostgreSQL URL (`sslmode=disable` is added unless it names a mode).
     #[arg(
         long,
         env = "PG_DATABASE_URL",
@@ -306,7 +306,7 @@ fn main() -> anyhow::Result<()> {
         for backend in cli.backend.backends() {
             let url = match backend {
                 Backend::Sqlite => sqlite_path.display().to_string(),
-                Backend::Postgres => cli.pg_url.clone(),
+                Backend::Postgres => plaintext_pg_url(&cli.pg_url),
                 Backend::Mysql => cli.mysql_url.clone(),
             };
             clean(&url).with_context(|| {
@@ -370,6 +370,32 @@ fn main() -> anyhow::Result<()> {
         eprintln!("{line}");
     }
     Ok(())
+}
+
+/// Runs `future` as a task on the runtime's workers and waits for it.
+/// Async code runs on a worker in an application, where the worker that
+/// polls the I/O driver runs the woken task itself; `block_on` on the
+/// main thread would add a cross-thread wake-up to every round trip of the
+/// async implementations.
+fn on_worker<T: Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    future: impl Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<T> {
+    runtime.block_on(runtime.spawn(future))?
+}
+
+/// The PostgreSQL URL with `sslmode=disable` unless it names a mode: libpq
+/// (the facade, sync, pgbench) would otherwise negotiate TLS with a server
+/// that has `ssl = on`, while diesel-async (tokio-postgres with `NoTls`) and
+/// sqlx (built without TLS) speak plaintext. On loopback, all speak plaintext.
+fn plaintext_pg_url(url: &str) -> String {
+    if url.contains("sslmode=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&sslmode=disable")
+    } else {
+        format!("{url}?sslmode=disable")
+    }
 }
 
 /// Human-readable lines printed to stderr at the end.
@@ -466,13 +492,14 @@ fn workload(
                 }
             };
             let phases = match imp {
-                Impl::Facade => runtime.block_on(sync_impls::facade(
-                    url,
-                    n,
-                    families.clone(),
-                    &counter,
-                    cli.pool_size,
-                ))?,
+                Impl::Facade => {
+                    let (url, families, counter) =
+                        (url.to_owned(), families.clone(), counter.clone());
+                    let size = cli.pool_size;
+                    on_worker(runtime, async move {
+                        sync_impls::facade(&url, n, families, &counter, size).await
+                    })?
+                }
                 Impl::Sync => sync_impls::sync(url, n, &families, &counter)?,
                 Impl::SyncThread => {
                     let (url, families, counter) =
@@ -489,33 +516,51 @@ fn workload(
                             sync_impls::sync(&url, n, &families, &counter)
                         }))??
                 }
-                Impl::DieselAsync => runtime.block_on(async {
-                    match backend {
-                        Backend::Postgres => {
-                            async_impl::postgres(url, n, &families, &counter, migration).await
+                Impl::DieselAsync => {
+                    let (url, families, counter, migration) = (
+                        url.to_owned(),
+                        families.clone(),
+                        counter.clone(),
+                        migration.clone(),
+                    );
+                    on_worker(runtime, async move {
+                        let (url, m) = (&url, &migration);
+                        match backend {
+                            Backend::Postgres => {
+                                async_impl::postgres(url, n, &families, &counter, m).await
+                            }
+                            Backend::Mysql => {
+                                async_impl::mysql(url, n, &families, &counter, m).await
+                            }
+                            Backend::Sqlite => {
+                                async_impl::sqlite(url, n, &families, &counter, m).await
+                            }
                         }
-                        Backend::Mysql => {
-                            async_impl::mysql(url, n, &families, &counter, migration).await
-                        }
-                        Backend::Sqlite => {
-                            async_impl::sqlite(url, n, &families, &counter, migration).await
-                        }
-                    }
-                })?,
-                Impl::Sqlx => runtime.block_on(async {
+                    })?
+                }
+                Impl::Sqlx => {
+                    let (url, families, counter, migration) = (
+                        url.to_owned(),
+                        families.clone(),
+                        counter.clone(),
+                        migration.clone(),
+                    );
                     let size = cli.pool_size;
-                    match backend {
-                        Backend::Postgres => {
-                            sqlx_impl::postgres(url, n, &families, &counter, migration, size).await
+                    on_worker(runtime, async move {
+                        let (url, m) = (&url, &migration);
+                        match backend {
+                            Backend::Postgres => {
+                                sqlx_impl::postgres(url, n, &families, &counter, m, size).await
+                            }
+                            Backend::Mysql => {
+                                sqlx_impl::mysql(url, n, &families, &counter, m, size).await
+                            }
+                            Backend::Sqlite => {
+                                sqlx_impl::sqlite(url, n, &families, &counter, m, size).await
+                            }
                         }
-                        Backend::Mysql => {
-                            sqlx_impl::mysql(url, n, &families, &counter, migration, size).await
-                        }
-                        Backend::Sqlite => {
-                            sqlx_impl::sqlite(url, n, &families, &counter, migration, size).await
-                        }
-                    }
-                })?,
+                    })?
+                }
             };
             if !recorded {
                 continue;
@@ -708,7 +753,10 @@ fn micro(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     sync_impls::prepare_rows(url, cli.rows)?;
-    let m = runtime.block_on(figures::micro(backend, url, cli.rows, cli.micro_iters))?;
+    let (url_owned, rows, iters) = (url.to_owned(), cli.rows, cli.micro_iters);
+    let m = on_worker(runtime, async move {
+        figures::micro(backend, &url_owned, rows, iters).await
+    })?;
     micro_line(
         out,
         report,

@@ -32,7 +32,7 @@ use sqlx::mysql::{MySql, MySqlConnectOptions, MySqlPool};
 use sqlx::pool::PoolOptions;
 use sqlx::postgres::{PgConnectOptions, PgPool, Postgres};
 use sqlx::sqlite::{Sqlite, SqliteConnectOptions, SqliteJournalMode, SqlitePool};
-use sqlx::{ConnectOptions, QueryBuilder, Transaction};
+use sqlx::{ConnectOptions, Executor, QueryBuilder, Transaction};
 
 use crate::async_impl::Migration;
 use crate::count::Counter;
@@ -223,6 +223,20 @@ fn check(cond: bool, message: impl FnOnce() -> String) -> anyhow::Result<()> {
     }
 }
 
+/// Sets the data of the parent with the smallest id (2 statements).
+macro_rules! update_first {
+    ($tx:expr, $sql:expr, $counter:expr) => {{
+        $counter.statement();
+        let (id, _data): ParentRow = sqlx::query_as($sql.first).fetch_one(&mut *$tx).await?;
+        $counter.statement();
+        sqlx::query($sql.update)
+            .bind("new data")
+            .bind(id)
+            .execute(&mut *$tx)
+            .await?;
+    }};
+}
+
 macro_rules! workload_for {
     (
         $name:ident, $unit:ident, $db:ty, $pool:ty, $connect:path, $begin:path,
@@ -243,18 +257,23 @@ macro_rules! workload_for {
             let pool: $pool = $connect(url, pool_size).await.context("sqlx: connect")?;
             timer.stop_uncounted("connect");
 
-            // schema: diesel's bookkeeping, as diesel-async does it.
+            // schema: diesel's bookkeeping, as diesel-async does it. (Multi-
+            // statement SQL through `Executor::execute` + `raw_sql`: the
+            // `RawSql::execute` shortcut is an `async fn` generic over the
+            // executor, whose future rustc cannot prove `Send` here.)
             timer.start();
             let mut tx = $begin(&pool).await?;
             counter.statement();
-            sqlx::raw_sql(diesel::migration::CREATE_MIGRATIONS_TABLE)
-                .execute(&mut *tx)
-                .await?;
+            Executor::execute(
+                &mut *tx,
+                sqlx::raw_sql(diesel::migration::CREATE_MIGRATIONS_TABLE),
+            )
+            .await?;
             counter.statement();
             let applied: Vec<String> = sqlx::query_scalar(SQL.applied).fetch_all(&mut *tx).await?;
             if applied.contains(&migration.version) {
                 counter.statement();
-                sqlx::raw_sql(migration.down).execute(&mut *tx).await?;
+                Executor::execute(&mut *tx, sqlx::raw_sql(migration.down)).await?;
                 counter.statement();
                 sqlx::query(SQL.forget_migration)
                     .bind(&migration.version)
@@ -262,7 +281,7 @@ macro_rules! workload_for {
                     .await?;
             }
             counter.statement();
-            sqlx::raw_sql(migration.up).execute(&mut *tx).await?;
+            Executor::execute(&mut *tx, sqlx::raw_sql(migration.up)).await?;
             counter.statement();
             sqlx::query(SQL.record_migration)
                 .bind(&migration.version)
@@ -319,7 +338,7 @@ macro_rules! workload_for {
                     writeln!(out, "{}", B { id, a_id, data })?;
                 }
             }
-            update_first(&mut tx, &SQL, counter).await?;
+            update_first!(tx, SQL, counter);
             check(
                 parents_seen == n && children_seen == expected_children(n),
                 || format!("sqlx lazy: counted {parents_seen} / {children_seen}"),
@@ -358,7 +377,7 @@ macro_rules! workload_for {
                     children_seen += children.len();
                 }
             }
-            update_first(&mut tx, &SQL, counter).await?;
+            update_first!(tx, SQL, counter);
             check(
                 parents_seen == n && children_seen == expected_children(n),
                 || format!("sqlx eager: counted {parents_seen} / {children_seen}"),
@@ -409,31 +428,6 @@ macro_rules! workload_for {
             tx.commit().await
         }
     };
-}
-
-/// Sets the data of the parent with the smallest id (2 statements).
-async fn update_first<DB>(
-    tx: &mut Transaction<'static, DB>,
-    sql: &Sql,
-    counter: &Counter,
-) -> sqlx::Result<()>
-where
-    DB: sqlx::Database,
-    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
-    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
-    ParentRow: for<'r> sqlx::FromRow<'r, DB::Row>,
-    i32: sqlx::Type<DB> + for<'q> sqlx::Encode<'q, DB>,
-    for<'q> &'q str: sqlx::Type<DB> + sqlx::Encode<'q, DB>,
-{
-    counter.statement();
-    let (id, _data): ParentRow = sqlx::query_as(sql.first).fetch_one(&mut **tx).await?;
-    counter.statement();
-    sqlx::query(sql.update)
-        .bind("new data")
-        .bind(id)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
 }
 
 workload_for!(
