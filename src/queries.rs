@@ -94,10 +94,7 @@ fn insert_parents(conn: &mut AnyConnection, rows: &[NewA<'_>]) -> Result<Vec<i32
             .returning(a::id)
             .get_results(c)?,
         #[cfg(feature = "mysql")]
-        AnyConnection::Mysql(c) => {
-            diesel::insert_into(a::table).values(rows).execute(c)?;
-            return mysql_batch_ids(c, rows.len());
-        }
+        AnyConnection::Mysql(c) => return mysql_insert_parents(c, rows),
     };
     // RETURNING does not promise row order, but one statement's ids grow
     // with insertion order (SQLite: max(rowid)+1; PostgreSQL: one nextval per row).
@@ -116,28 +113,72 @@ struct BatchIds {
     lock_mode: i64,
 }
 
-/// MySQL has no `RETURNING`: `LAST_INSERT_ID()` is the batch's first id, and
-/// the rest follow it by `auto_increment_increment` when InnoDB's lock mode
-/// is 0 or 1 (MariaDB's default); mode 2 does not promise that.
+/// MySQL has no `RETURNING`. Under `innodb_autoinc_lock_mode` 0 or 1
+/// (MariaDB's default) one statement's rows get consecutive ids (by
+/// `auto_increment_increment`) from `LAST_INSERT_ID()` on, so a batch is
+/// one `INSERT ... SELECT` plus one `SELECT`, the same two statements
+/// whatever the batch size. Under mode 2 (required by Galera Cluster)
+/// concurrent inserts interleave their ids, and no arithmetic can name a
+/// batch's rows: the batch's statement inserts nothing there (its
+/// `WHERE` reads the mode on the server, so no statement is spent asking
+/// first), and each row goes in its own `INSERT` followed by
+/// `LAST_INSERT_ID()`, the id the server gave that row.
 #[cfg(feature = "mysql")]
-fn mysql_batch_ids(conn: &mut MysqlConnection, rows: usize) -> Result<Vec<i32>, DemoError> {
-    let ids: BatchIds = diesel::sql_query(
+fn mysql_insert_parents(
+    conn: &mut MysqlConnection,
+    rows: &[NewA<'_>],
+) -> Result<Vec<i32>, DemoError> {
+    use diesel::sql_types::{Nullable, Text};
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    // `ORDER BY n` fixes the order ids are given in; `INSERT ... SELECT`
+    // holds the table's AUTO-INC lock to its end under modes 0 and 1.
+    let mut sql = String::with_capacity(40 * rows.len() + 160);
+    sql.push_str("INSERT INTO a (data) SELECT d FROM (");
+    for i in 0..rows.len() {
+        if i == 0 {
+            sql.push_str("SELECT 0 AS n, ? AS d");
+        } else {
+            sql.push_str(&format!(" UNION ALL SELECT {i}, ?"));
+        }
+    }
+    sql.push_str(") AS batch WHERE @@innodb_autoinc_lock_mode <> 2 ORDER BY n");
+    let mut insert = diesel::sql_query(sql).into_boxed();
+    for row in rows {
+        insert = insert.bind::<Nullable<Text>, _>(row.data);
+    }
+    let inserted = insert.execute(conn)?;
+    let batch: BatchIds = diesel::sql_query(
         "SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS first_id, \
          CAST(@@auto_increment_increment AS SIGNED) AS step, \
          CAST(@@innodb_autoinc_lock_mode AS SIGNED) AS lock_mode",
     )
     .get_result(conn)?;
-    if ids.lock_mode == 2 {
-        return Err(DemoError::Check(
-            "innodb_autoinc_lock_mode = 2 does not give a batch consecutive ids; \
-             set it to 1 in the server's configuration"
-                .into(),
-        ));
+    let to_id = |id: i64| {
+        i32::try_from(id).map_err(|_| DemoError::Check("an id does not fit in INTEGER".into()))
+    };
+    if batch.lock_mode != 2 && inserted == rows.len() {
+        return (0..rows.len() as i64)
+            .map(|i| to_id(batch.first_id + i * batch.step))
+            .collect();
     }
-    (0..rows as i64)
-        .map(|i| {
-            i32::try_from(ids.first_id + i * ids.step)
-                .map_err(|_| DemoError::Check("an id does not fit in INTEGER".into()))
+    if batch.lock_mode != 2 || inserted != 0 {
+        return Err(DemoError::Check(format!(
+            "a batch of {} parents inserted {inserted} rows",
+            rows.len()
+        )));
+    }
+    rows.iter()
+        .map(|row| {
+            diesel::insert_into(a::table).values(row).execute(conn)?;
+            let last: BatchIds = diesel::sql_query(
+                "SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS first_id, \
+                 CAST(@@auto_increment_increment AS SIGNED) AS step, \
+                 CAST(@@innodb_autoinc_lock_mode AS SIGNED) AS lock_mode",
+            )
+            .get_result(conn)?;
+            to_id(last.first_id)
         })
         .collect()
 }
