@@ -7,7 +7,10 @@
 bench's stdout works.) Per backend and N: the median seconds of each phase per implementation
 (statements in parentheses), then the same-run ratios: the median of the
 per-run ratios, the ratio of the medians, and the ratio of the minimums
-(the least noise-sensitive of the three on a shared machine).
+(the least noise-sensitive of the three on a shared machine). Then, when
+the lines are there: the round-trip floor (lazy time per statement beside
+pgbench's) and the load figures (`--concurrency`; several files or runs are
+shown side by side, separated by " / ").
 """
 
 import json
@@ -16,16 +19,26 @@ import sys
 from collections import defaultdict
 
 PHASES = ["connect", "schema", "insert", "run_sync_lazy", "run_sync_eager", "verify", "total"]
-IMPLS = ["facade", "sync", "diesel-async", "sync-thread", "sync-blocking"]
+IMPLS = ["facade", "sync", "diesel-async", "sqlx", "sync-thread", "sync-blocking"]
+LOADERS = ["facade", "sync-threads", "diesel-async", "sqlx", "pgbench", "pgbench-pool"]
 BACKENDS = ["sqlite", "postgres", "mysql"]
 
 
 def main(paths):
     secs = defaultdict(list)
     queries = defaultdict(list)
+    floors = []
+    loads = defaultdict(list)
+    goals = defaultdict(list)
     for path in paths:
         for line in open(path):
             rec = json.loads(line)
+            if rec.get("summary") == "floor":
+                floors.append(rec)
+            elif rec.get("summary") == "concurrency":
+                loads[(rec["backend"], rec["clients"], rec["impl"])].append(rec)
+            elif rec.get("summary") == "concurrency_goal":
+                goals[(rec["backend"], rec["clients"], rec["others"])].append(rec)
             if "summary" in rec:
                 continue
             key = (rec["backend"], rec["n"], rec["impl"], rec["phase"])
@@ -46,7 +59,7 @@ def main(paths):
                 cells.append(f"{statistics.median(s):.4f} ({q})" if phase != "connect" else f"{statistics.median(s):.4f}")
             print(f"| {impl} | " + " | ".join(cells) + " |")
         rows = []
-        for num, den in [("facade", "sync"), ("facade", "diesel-async")]:
+        for num, den in [("facade", "sync"), ("facade", "diesel-async"), ("facade", "sqlx")]:
             for phase in ["run_sync_lazy", "total"]:
                 a = secs.get((backend, n, num, phase))
                 b = secs.get((backend, n, den, phase))
@@ -62,6 +75,41 @@ def main(paths):
             print("\n| ratio | phase | median of run ratios | ratio of medians | ratio of minimums | run ratios range |")
             print("|---|---|---:|---:|---:|---|")
             print("\n".join(rows))
+    if floors:
+        print("\n#### The floor: lazy time per statement / pgbench's (same runs)\n")
+        print("| backend | N | impl | lazy µs per statement | pgbench µs per statement | median of run ratios | runs |")
+        print("|---|---:|---|---:|---:|---:|---:|")
+        for f in floors:
+            print(
+                f"| {f['backend']} | {f['n']:,} | {f['impl']} | {f['lazy_us_per_statement']:.1f} | "
+                f"{f['pgbench_us_per_statement']:.1f} | {f['median_of_run_ratios']:.3f} | {f['runs']} |"
+            )
+    if loads:
+        print("\n#### Load: units of work per second, p50 / p99 latency (µs), failures\n")
+        print("| backend | C | impl | conns | tx/s | p50 µs | p99 µs | failures |")
+        print("|---|---:|---|---:|---|---|---|---|")
+        keys = sorted(loads, key=lambda k: (BACKENDS.index(k[0]), k[1], LOADERS.index(k[2]) if k[2] in LOADERS else 99))
+        for backend, clients, impl in keys:
+            recs = loads[(backend, clients, impl)]
+            join = lambda field, fmt: " / ".join(format(r[field], fmt) for r in recs)
+            conns = " / ".join(str(r.get("connections", r.get("pool", ""))) for r in recs)
+            print(
+                f"| {backend} | {clients} | {impl} | {conns} | {join('tps', '.0f')} | {join('p50_us', '.0f')} | "
+                f"{join('p99_us', '.0f')} | {' / '.join(str(r.get('failures', 0)) for r in recs)} |"
+            )
+        if goals:
+            print("\n#### Load: the facade against the best of the others (same level, same run)\n")
+            print("| backend | C | others | facade tx/s ÷ best | best tx/s by | facade p99 ÷ best | best p99 by |")
+            print("|---|---:|---|---|---|---|---|")
+            for key in sorted(goals, key=lambda k: (BACKENDS.index(k[0]), k[1], k[2])):
+                recs = goals[key]
+                print(
+                    f"| {key[0]} | {key[1]} | {key[2]} | "
+                    + " / ".join(f"{r['tps_over_best']:.3f}" for r in recs) + " | "
+                    + " / ".join(r["best_tps_impl"] for r in recs) + " | "
+                    + " / ".join(f"{r['p99_over_best']:.3f}" for r in recs) + " | "
+                    + " / ".join(r["best_p99_impl"] for r in recs) + " |"
+                )
 
 
 if __name__ == "__main__":
