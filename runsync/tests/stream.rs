@@ -19,7 +19,9 @@
 //!   holds the whole result set whatever the consumer does, and the test
 //!   only reports it (a `FIGURE` line);
 //! - a producer that fails or panics midway, the owned `'static` stream,
-//!   and `stream_query`.
+//!   and `stream_query`;
+//! - a consumer that never yields (tokio's coop budget spent while batches
+//!   wait): every row arrives, no livelock.
 //!
 //! `RUNSYNC_STREAM_DROPS=N` changes the number of drops (default 200).
 
@@ -635,6 +637,52 @@ async fn an_owned_stream_is_static<C: Streams>(db: TestDb<C>) {
     assert_eq!(db.open_transactions().await, 0, "{}", C::NAME);
 }
 
+/// A consumer that never yields (every `next()` ready at once, and slower
+/// than the producer, so batches keep waiting) spends tokio's coop budget
+/// within one poll of its task; the stream must then return `Pending` and
+/// let the runtime wake it, not spin on a channel that has batches (it did:
+/// a livelock). A watchdog thread turns a hang into an abort with a message.
+async fn a_consumer_that_never_yields_gets_every_row<C: Streams>(db: TestDb<C>) {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watched = done.clone();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        while !watched.load(Ordering::Acquire) {
+            if started.elapsed() > Duration::from_secs(120) {
+                eprintln!(
+                    "a_consumer_that_never_yields_gets_every_row: stuck for 120 s (livelock)"
+                );
+                std::process::abort();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let engine = db.engine().await;
+    let mut session = engine.session();
+    let total = 60_000u64;
+    let sql = series_sql::<C>(total);
+    let mut rows = session
+        .stream(move |conn, sink| sink.send_all(C::load_n(conn, &sql)?))
+        .await
+        .unwrap();
+    // Let the channel fill first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut count = 0u64;
+    while let Some(row) = rows.next().await {
+        row.unwrap();
+        count += 1;
+        // About 10 µs of work per row, without yielding.
+        let until = Instant::now() + Duration::from_micros(10);
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+    }
+    drop(rows);
+    done.store(true, Ordering::Release);
+    assert_eq!(count, total, "{}", C::NAME);
+    session.commit().await.unwrap();
+}
+
 mod current {
     use super::*;
     use crate::common::per_backend;
@@ -645,6 +693,7 @@ mod current {
     per_backend!(a_slow_consumer_keeps_memory_flat);
     per_backend!(a_failing_producer_ends_the_stream_with_its_error);
     per_backend!(an_owned_stream_is_static);
+    per_backend!(a_consumer_that_never_yields_gets_every_row);
 }
 
 mod multi {
@@ -660,4 +709,5 @@ mod multi {
         multi_thread
     );
     per_backend!(an_owned_stream_is_static, multi_thread);
+    per_backend!(a_consumer_that_never_yields_gets_every_row, multi_thread);
 }

@@ -491,12 +491,13 @@ impl<C: PoolableConnection, T, E: From<Error>> RowStream<'_, C, T, E> {
                             // if the channel is still empty under the lock:
                             // a batch sent since is older than those rows
                             // (the producer never gathers rows while a batch
-                            // it took is on its way).
+                            // it took is on its way). A batch in the channel
+                            // with `Pending` means tokio's coop budget is
+                            // spent (it has already scheduled a wake-up) or
+                            // the batch is still being written (the sender
+                            // wakes this task): wait, never spin.
                             let mut pending = lock(&self.pending);
-                            if !self.rx.is_empty() {
-                                continue;
-                            }
-                            if pending.is_empty() {
+                            if !self.rx.is_empty() || pending.is_empty() {
                                 return Poll::Pending;
                             }
                             self.batch = std::mem::take(&mut *pending).into_iter();
