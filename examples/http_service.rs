@@ -3,6 +3,13 @@
 //!
 //! - `GET /health`: the pool's connection counts;
 //! - `GET /parents`: every parent with its children (`load_families`);
+//! - `GET /parents/stream`: the same as NDJSON (one JSON object per line,
+//!   `application/x-ndjson`), streamed from one query read row by row
+//!   (`AsyncSession::into_stream` over `for_each_family`): the response
+//!   starts with the first parent and memory stays flat however many there
+//!   are. An error after the first line cuts the response short (no final
+//!   chunk), which clients see as a truncated body; a client that hangs up
+//!   stops the query (the session rolls back and its connection returns);
 //! - `GET /parents/{id}`: one parent with its children, or 404;
 //! - `POST /parents` with `{"data": "a1", "children": [null, "x"]}`: inserts
 //!   a parent and its children in one transaction (`insert_families`) and
@@ -23,6 +30,7 @@
 //! curl -s -X POST localhost:3000/parents -H 'content-type: application/json' \
 //!      -d '{"data": "a1", "children": [null, null]}'
 //! curl -s localhost:3000/parents
+//! curl -sN localhost:3000/parents/stream
 //! curl -s localhost:3000/health
 //! ```
 //!
@@ -43,7 +51,7 @@ use axum::{Json, Router};
 use diesel::prelude::*;
 use diesel_runsync::{Engine, EngineOptions, Error};
 use greenlet_orm::migrations::create_all;
-use greenlet_orm::queries::{insert_families, load_families};
+use greenlet_orm::queries::{for_each_family, insert_families, load_families};
 use greenlet_orm::schema::{a, b};
 use greenlet_orm::{A, AnyConnection, B, DemoError, Family};
 use serde::{Deserialize, Serialize};
@@ -135,6 +143,7 @@ pub fn router(engine: Engine<AnyConnection>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/parents", get(list_parents).post(create_parent))
+        .route("/parents/stream", get(stream_parents))
         .route("/parents/{id}", get(get_parent))
         .with_state(engine)
 }
@@ -272,6 +281,29 @@ async fn list_parents(State(engine): Db) -> Result<Json<Vec<Parent>>, ApiError> 
     session.commit().await.map_err(DemoError::from)?;
     families.sort_by_key(|(parent, _)| parent.id);
     Ok(Json(families.into_iter().map(Parent::from).collect()))
+}
+
+/// `GET /parents/stream`: one JSON line per parent, serialized on the
+/// blocking pool as the rows arrive. The session is the stream's: on
+/// SQLite its transaction holds the database's write lock (the engine
+/// begins every transaction `IMMEDIATE`) until the last line is sent.
+async fn stream_parents(State(engine): Db) -> Result<Response, ApiError> {
+    let lines = engine
+        .session()
+        .into_stream(|conn, lines| {
+            for_each_family(conn, |parent, children| {
+                let mut line = serde_json::to_string(&Parent::from((parent, children)))
+                    .map_err(|e| DemoError::Check(format!("cannot serialize a parent: {e}")))?;
+                line.push('\n');
+                Ok(lines.send(line)?)
+            })
+        })
+        .await?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
 }
 
 async fn get_parent(

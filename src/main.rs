@@ -5,9 +5,11 @@
 //!   `runsync.db` (SQLite, in the current directory), inserts three parents
 //!   with their children, prints them through `run_sync`, updates the first
 //!   and commits: the seed's eight printed lines.
-//! - `greenlet-orm run --n 100000 [--eager] [--print]` does the same with
-//!   `N` parents, lazily (one query per parent) or eagerly (one `IN` query
-//!   per batch); it prints the objects when `N` is at most 20 or with
+//! - `greenlet-orm run --n 100000 [--eager | --stream] [--print]` does the
+//!   same with `N` parents, lazily (one query per parent), eagerly (one `IN`
+//!   query per batch) or streamed (one ordered `LEFT JOIN` read row by row
+//!   through `AsyncSession::stream`, each parent printed as it arrives); it
+//!   prints the objects when `N` is at most 20 or with
 //!   `--print`, otherwise one summary line of counts and timings. A progress
 //!   bar shows on stderr for long runs when stderr is a terminal.
 //! - `greenlet-orm migrate run | revert | status | reset` applies the
@@ -31,11 +33,12 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use diesel_migrations::{MigrationError, MigrationHarness};
-use diesel_runsync::{Engine, EngineOptions, SQL_TARGET};
+use diesel_runsync::{AsyncSession, Engine, EngineOptions, SQL_TARGET};
 use greenlet_orm::migrations::{self, create_all, drop_all};
 use greenlet_orm::program::{greenlet_orm, reset_schema};
 use greenlet_orm::queries::{
-    Counts, PARENT_BATCH, insert_families, run_queries, run_queries_eager, workload_families,
+    Counts, PARENT_BATCH, for_each_family, insert_families, run_queries, run_queries_eager,
+    update_first, workload_families,
 };
 use greenlet_orm::{AnyConnection, DemoError, Family};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -128,8 +131,14 @@ struct RunArgs {
 
     /// Load the children with one IN query per batch of parents, instead of
     /// one query per parent (the seed's lazy N+1 pattern).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "stream")]
     eager: bool,
+
+    /// Stream the parents with their children from one ordered LEFT JOIN,
+    /// read row by row (AsyncSession::stream), printing each parent as it
+    /// arrives, instead of one query per parent.
+    #[arg(long)]
+    stream: bool,
 
     /// Print every object even when N is above 20 (otherwise a summary line).
     #[arg(long)]
@@ -239,7 +248,14 @@ async fn scaled(
     let insert_time = insert_started.elapsed();
 
     let query_started = Instant::now();
-    let bar = progress(show_progress, n, if args.eager { "eager" } else { "lazy" });
+    let mode = if args.eager {
+        "eager"
+    } else if args.stream {
+        "stream"
+    } else {
+        "lazy"
+    };
+    let bar = progress(show_progress, n, mode);
     let eager = args.eager;
     let out = ParentCounter {
         out: if print {
@@ -250,18 +266,22 @@ async fn scaled(
         bar: bar.clone(),
         line_start: true,
     };
-    let counts = session
-        .run_sync(move |conn| {
-            let mut out = out;
-            let counts = if eager {
-                run_queries_eager(conn, &mut out)?
-            } else {
-                run_queries(conn, &mut out)?
-            };
-            out.flush()?;
-            Ok::<_, DemoError>(counts)
-        })
-        .await?;
+    let counts = if args.stream {
+        streamed(&mut session, out).await?
+    } else {
+        session
+            .run_sync(move |conn| {
+                let mut out = out;
+                let counts = if eager {
+                    run_queries_eager(conn, &mut out)?
+                } else {
+                    run_queries(conn, &mut out)?
+                };
+                out.flush()?;
+                Ok::<_, DemoError>(counts)
+            })
+            .await?
+    };
     session.commit().await?;
     bar.finish_and_clear();
     let query_time = query_started.elapsed();
@@ -272,15 +292,50 @@ async fn scaled(
             children,
         };
         let times = [insert_time, query_time, started.elapsed()];
-        summary(&mut std::io::stdout(), eager, inserted, counts, times)?;
+        summary(&mut std::io::stdout(), mode, inserted, counts, times)?;
     }
     Ok(())
+}
+
+/// `run --stream`'s query phase: every parent with its children streamed
+/// from one query (`for_each_family` on the blocking pool), each written to
+/// `out` as it arrives; then the first parent updated, in the same
+/// transaction. When stdout is a terminal each parent is flushed at once.
+async fn streamed(
+    session: &mut AsyncSession<AnyConnection>,
+    mut out: ParentCounter,
+) -> Result<Counts, DemoError> {
+    let mut families = session
+        .stream(|conn, families| for_each_family(conn, |a, bs| Ok(families.send((a, bs))?)))
+        .await?;
+    let interactive = std::io::stdout().is_terminal();
+    let mut counts = Counts::default();
+    while let Some(family) = families.next().await {
+        let (parent, children) = family?;
+        // Buffered writes to stdout; a slow reader of the pipe makes the
+        // producer wait too (the stream's bounded buffer).
+        writeln!(out, "{parent}")?;
+        for child in &children {
+            writeln!(out, "{child}")?;
+        }
+        if interactive {
+            out.flush()?;
+        }
+        counts.parents += 1;
+        counts.children += children.len();
+    }
+    drop(families);
+    out.flush()?;
+    session
+        .run_sync(|conn| Ok::<_, DemoError>(update_first(conn, "new data")?))
+        .await?;
+    Ok(counts)
 }
 
 /// One line: what was inserted and loaded, and how long each part took.
 fn summary(
     out: &mut impl Write,
-    eager: bool,
+    mode: &str,
     inserted: Counts,
     loaded: Counts,
     [insert, queries, total]: [Duration; 3],
@@ -296,7 +351,6 @@ fn summary(
         loaded.children,
         queries.as_secs_f64(),
         total.as_secs_f64(),
-        mode = if eager { "eager" } else { "lazy" },
     )
 }
 

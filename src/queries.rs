@@ -4,8 +4,10 @@
 use std::io::Write;
 
 use diesel::prelude::*;
+use diesel::query_dsl::methods::LoadQuery;
 #[cfg(feature = "mysql")]
 use diesel::sql_types::BigInt;
+use diesel_runsync::StreamingMode;
 
 use crate::connection::AnyConnection;
 use crate::connection::on_inner_connection;
@@ -236,6 +238,56 @@ pub fn load_families(conn: &mut AnyConnection) -> QueryResult<Vec<(A, Vec<B>)>> 
         families.extend(chunk.iter().cloned().zip(children));
     }
     Ok(families)
+}
+
+/// Every parent with its children, from one query read row by row as it
+/// arrives (PostgreSQL: `PgRowByRowLoadingMode`; SQLite steps its
+/// statement; libmysqlclient buffers the whole result first): a `LEFT JOIN`
+/// ordered by parent id then child id, each parent handed to `each` as soon
+/// as its last child has been read. Stops at the first error `each` returns.
+/// The producer of `AsyncSession::stream` for `run --stream` and the HTTP
+/// example's `GET /parents/stream`.
+pub fn for_each_family(
+    conn: &mut AnyConnection,
+    each: impl FnMut(A, Vec<B>) -> Result<(), DemoError>,
+) -> Result<(), DemoError> {
+    on_inner_connection!(conn, |c| families_row_by_row(
+        c,
+        a::table
+            .left_join(b::table)
+            .select(((a::id, a::data), (b::id, b::a_id, b::data).nullable()))
+            .order_by((a::id, b::id.nullable())),
+        each
+    ))
+}
+
+/// [`for_each_family`] on one inner connection, in its [`StreamingMode`].
+fn families_row_by_row<C, Q>(
+    conn: &mut C,
+    query: Q,
+    mut each: impl FnMut(A, Vec<B>) -> Result<(), DemoError>,
+) -> Result<(), DemoError>
+where
+    C: StreamingMode,
+    Q: RunQueryDsl<C> + LoadQuery<'static, C, (A, Option<B>), C::Mode>,
+{
+    let mut current: Option<(A, Vec<B>)> = None;
+    for row in query.load_iter::<(A, Option<B>), C::Mode>(conn)? {
+        let (parent, child) = row?;
+        match &mut current {
+            Some((open, children)) if open.id == parent.id => children.extend(child),
+            _ => {
+                let next = (parent, child.into_iter().collect());
+                if let Some((done, children)) = current.replace(next) {
+                    each(done, children)?;
+                }
+            }
+        }
+    }
+    match current {
+        Some((last, children)) => each(last, children),
+        None => Ok(()),
+    }
 }
 
 /// Sets the data of the `A` with the smallest id.

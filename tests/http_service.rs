@@ -159,6 +159,13 @@ async fn serves_parents_over_http_and_shuts_down_gracefully(db: TestDb) {
 
     let all = request(addr, "GET", "/parents", None).await;
     assert_eq!((all.status, all.json()), (200, json!([a1, a2])));
+    let streamed = request(addr, "GET", "/parents/stream", None).await;
+    assert_eq!(streamed.status, 200, "{}", streamed.body);
+    assert_eq!(
+        streamed.header("content-type"),
+        Some("application/x-ndjson")
+    );
+    assert_eq!(ndjson(&streamed.body), vec![a1.clone(), a2.clone()]);
     let one = request(addr, "GET", "/parents/1", None).await;
     assert_eq!((one.status, one.json()), (200, a1));
 
@@ -213,6 +220,90 @@ async fn serves_parents_over_http_and_shuts_down_gracefully(db: TestDb) {
         status.connections, status.idle,
         "no connection still checked out"
     );
+}
+
+/// The lines of an NDJSON body, each parsed.
+fn ndjson(body: &str) -> Vec<Value> {
+    assert!(body.is_empty() || body.ends_with('\n'), "{body:?}");
+    body.lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect()
+}
+
+per_backend!(
+    streams_every_parent_as_ndjson_and_stops_when_the_client_hangs_up,
+    multi_thread
+);
+async fn streams_every_parent_as_ndjson_and_stops_when_the_client_hangs_up(db: TestDb) {
+    const PARENTS: usize = 20_000;
+    let engine = service::connect(&db.url, EngineOptions::default().max_size(2))
+        .await
+        .expect("engine and migrations");
+    db.with_connection(|c| {
+        greenlet_orm::queries::insert_families(
+            c,
+            &greenlet_orm::queries::workload_families(PARENTS),
+        )
+    })
+    .await
+    .expect("insert the parents");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(service::serve(listener, engine.clone(), async {
+        let _ = stopped.await;
+    }));
+
+    // The whole stream: every parent once, in id order, with its children.
+    let whole = request(addr, "GET", "/parents/stream", None).await;
+    assert_eq!(whole.status, 200);
+    let lines = ndjson(&whole.body);
+    assert_eq!(lines.len(), PARENTS, "{}", db.backend);
+    // Ids grow with insertion order (MySQL may leave gaps between batches).
+    let mut last_id = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let id = line["id"].as_i64().unwrap();
+        assert!(id > last_id, "{}: ids out of order at line {i}", db.backend);
+        last_id = id;
+        assert_eq!(line["data"], format!("a{}", i + 1), "{}", db.backend);
+        let children = line["children"].as_array().unwrap();
+        assert_eq!(children.len(), if i % 2 == 0 { 2 } else { 1 });
+        assert!(children.iter().all(|c| c["a_id"] == id));
+    }
+
+    // Clients that read the first lines and hang up, over a small receive
+    // window so the server is mid-stream: the query stops, the session
+    // rolls back and its connection returns.
+    for _ in 0..5 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
+        let head = format!("GET /parents/stream HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut first = vec![0; 2048];
+        let read = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut first))
+            .await
+            .expect("the response starts within 30 s")
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&first[..read]).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&first[..read])
+        );
+        drop(stream);
+    }
+    common::settle(&engine).await;
+    assert_eq!(db.open_transactions().await, 0, "{}", db.backend);
+    // And the service still answers, from the same pool.
+    let again = request(addr, "GET", "/parents/1", None).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("serve returns within 10 s of the shutdown signal")
+        .expect("the server task did not panic")
+        .expect("serve ended without an I/O error");
 }
 
 #[test]

@@ -521,3 +521,31 @@ fn run_scales_the_program_and_rejects_bad_counts(db: TestDb) {
     assert_eq!(zero.status.code(), Some(2), "usage errors exit with 2");
     assert!(text(&zero.stderr).contains("at least 1"));
 }
+
+per_backend!(run_stream_prints_the_parents_as_they_come, sync);
+fn run_stream_prints_the_parents_as_they_come(db: TestDb) {
+    let small = run_program(&db.url, &["run", "--n", "3", "--stream"]);
+    assert!(small.status.success(), "{}", text(&small.stderr));
+    assert_eq!(text(&small.stdout), SEED_OUTPUT, "{}", db.backend);
+    let (parents, _) = all_rows(&mut db.connect()).unwrap();
+    assert_eq!(parents[0].data.as_deref(), Some("new data"));
+    // Every object, in id order, each parent before its children.
+    let printed = run_program(&db.url, &["run", "--n", "50", "--stream", "--print"]);
+    assert!(printed.status.success(), "{}", text(&printed.stderr));
+    let out = text(&printed.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 50 + 75, "{}", db.backend);
+    assert_eq!(lines[0], "A(id=1, data='a1')");
+    assert_eq!(lines[3], "A(id=2, data='a2')");
+    assert_eq!(lines[lines.len() - 1], "B(id=75, a_id=50, data=None)");
+    let summary = run_program(&db.url, &["run", "--n", "500", "--stream"]);
+    assert!(summary.status.success(), "{}", text(&summary.stderr));
+    let line = text(&summary.stdout);
+    assert!(
+        line.starts_with("stream: 500 parents and 750 children inserted")
+            && line.contains("500 parents and 750 children loaded"),
+        "{line}"
+    );
+    let both = run_program(&db.url, &["run", "--n", "3", "--stream", "--eager"]);
+    assert_eq!(both.status.code(), Some(2), "--stream and --eager conflict");
+}
