@@ -743,6 +743,154 @@ mod cluster {
         ));
     }
 
+    /// The nodes that `sessions` sessions of `engine`, all open at once, run on.
+    async fn nodes_of_sessions(engine: &Engine<AnyConnection>, sessions: usize) -> Vec<String> {
+        let mut held = Vec::new();
+        let mut names = Vec::new();
+        for _ in 0..sessions {
+            let mut session = engine.begin().await.unwrap();
+            let name = session
+                .run_sync(|c: &mut AnyConnection| {
+                    diesel::sql_query("SELECT @@wsrep_node_name AS value").get_result::<Value>(c)
+                })
+                .await
+                .unwrap()
+                .value;
+            names.push(name);
+            held.push(session);
+        }
+        for mut session in held {
+            session.rollback().await.unwrap();
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// One engine over the three nodes (`mysql://root@h:p1,h:p2,h:p3/test`):
+    /// its connections spread over every node; node 3 SIGKILLed under load:
+    /// the engine's units go on, on nodes 1 and 2, and none is lost.
+    fn multi_host(rt: &tokio::runtime::Runtime, cluster: &mut Cluster) {
+        let hosts: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let url = format!("mysql://root@{}/test", hosts.join(","));
+        let engine: Engine<AnyConnection> = rt
+            .block_on(Engine::connect(
+                &url,
+                EngineOptions::default()
+                    .max_size(6)
+                    .connection_timeout(Duration::from_secs(5)),
+            ))
+            .unwrap();
+        let spread = rt.block_on(nodes_of_sessions(&engine, 6));
+        assert_eq!(
+            spread,
+            ["node1", "node2", "node3"],
+            "6 sessions over 3 nodes"
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+        let failed: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let tasks: Vec<_> = (0..6)
+            .map(|t| {
+                let (engine, stop, acked, failed) =
+                    (engine.clone(), stop.clone(), acked.clone(), failed.clone());
+                rt.spawn(async move {
+                    let mut seq = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        seq += 1;
+                        let tag = format!("m{t}s{seq}");
+                        match unit(&engine, tag.clone()).await {
+                            Ok(_) => acked.lock().unwrap().push((tag, Instant::now())),
+                            Err(_) => {
+                                failed.lock().unwrap().push(Instant::now());
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(1000));
+        let killed_at = Instant::now();
+        cluster.kill(2);
+        cluster.wait_synced(0, 2);
+        let shrunk = killed_at.elapsed();
+        let settled = Instant::now();
+        std::thread::sleep(Duration::from_millis(2000));
+        stop.store(true, Ordering::Relaxed);
+        rt.block_on(async {
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        let after = rt.block_on(nodes_of_sessions(&engine, 6));
+        assert_eq!(
+            after,
+            ["node1", "node2"],
+            "new connections on the live nodes"
+        );
+        let acked = acked.lock().unwrap().clone();
+        let failed = failed.lock().unwrap().clone();
+        let late_failures = failed.iter().filter(|at| **at > settled).count();
+        let after_settled = acked.iter().filter(|(_, at)| *at > settled).count();
+        assert!(after_settled > 0, "no unit committed once node 3 was gone");
+        assert_eq!(
+            late_failures, 0,
+            "units failed after the survivors saw 2 members"
+        );
+        let after_kill: Vec<Instant> = acked
+            .iter()
+            .map(|(_, at)| *at)
+            .filter(|at| *at > killed_at)
+            .collect();
+        let longest_gap = after_kill
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .chain(after_kill.first().map(|first| *first - killed_at))
+            .max()
+            .unwrap_or(Duration::MAX);
+        for i in 0..2 {
+            let mut conn = cluster.connect(i, "test");
+            conn.batch_execute("SET SESSION wsrep_sync_wait = 1")
+                .unwrap();
+            #[derive(QueryableByName)]
+            struct Tag {
+                #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+                data: Option<String>,
+            }
+            let tags: Vec<Tag> = diesel::sql_query("SELECT data FROM a WHERE data LIKE 'm%'")
+                .load(&mut conn)
+                .unwrap();
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            for tag in tags.into_iter().filter_map(|t| t.data) {
+                *counts.entry(tag).or_default() += 1;
+            }
+            assert!(
+                counts.values().all(|&n| n == 1),
+                "node {}: duplicates",
+                i + 1
+            );
+            let lost = acked
+                .iter()
+                .filter(|(t, _)| !counts.contains_key(t))
+                .count();
+            assert_eq!(lost, 0, "node {}: acknowledged units missing", i + 1);
+        }
+        figure(format!(
+            "multi_host spread_before={spread:?} spread_after={after:?} units_acked={} \
+             units_failed={} survivors_saw_2_members_after_s={:.2} \
+             longest_commit_gap_after_kill_s={:.2} failures_after_settled={late_failures}",
+            acked.len(),
+            failed.len(),
+            shrunk.as_secs_f64(),
+            longest_gap.as_secs_f64()
+        ));
+    }
+
     pub fn scenarios() {
         let cold = Instant::now();
         let mut cluster = Cluster::start();
@@ -759,6 +907,7 @@ mod cluster {
             .unwrap();
         contention(&rt, &cluster);
         kill_and_rejoin(&rt, &mut cluster);
+        multi_host(&rt, &mut cluster);
         drop(rt);
         drop(cluster);
     }

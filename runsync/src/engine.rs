@@ -203,6 +203,8 @@ impl<C: PoolableConnection> Engine<C> {
         let (connect_errors, _) = watch::channel(None);
         let manager = Manager {
             url: url.clone(),
+            hosts: url.hosts(),
+            next_host: Default::default(),
             echo: options.echo,
             ping_after: options.ping_after,
             statement_timeout: options.statement_timeout,

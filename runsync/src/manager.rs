@@ -1,6 +1,7 @@
 //! The bb8 side: how pooled connections are opened, checked and refused.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 #[cfg(feature = "sqlite")]
@@ -278,6 +279,10 @@ pub(crate) const BROKEN: u32 = u32::MAX;
 /// The bb8 manager of a pool of `C`.
 pub(crate) struct Manager<C> {
     pub(crate) url: DatabaseUrl,
+    /// [`DatabaseUrl::hosts`]: the nodes new connections go to, in turn.
+    pub(crate) hosts: Vec<DatabaseUrl>,
+    /// The node the next connection tries first.
+    pub(crate) next_host: AtomicUsize,
     pub(crate) echo: bool,
     /// Connections used more recently than this are not pinged on checkout.
     pub(crate) ping_after: Duration,
@@ -308,12 +313,34 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
     type Connection = Slot<C>;
     type Error = Error;
 
+    /// Opens a connection on the next node in turn; when it does not
+    /// answer, on the following ones (a node that went away is skipped).
     async fn connect(&self) -> Result<Slot<C>, Error> {
-        let url = self.url.clone();
+        let first = self.next_host.fetch_add(1, Ordering::Relaxed);
+        let hosts = self.hosts.clone();
         let echo = self.echo;
         let timeout = self.statement_timeout;
         let opened = tokio::task::spawn_blocking(move || {
-            let mut conn = C::connect(&url)?;
+            let mut failed = None;
+            let mut opened = None;
+            for i in 0..hosts.len() {
+                let url = &hosts[(first + i) % hosts.len()];
+                match C::connect(url) {
+                    Ok(conn) => {
+                        opened = Some((conn, url.clone()));
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(target: crate::echo::SQL_TARGET, "{url}: {e}");
+                        failed = Some(e);
+                    }
+                }
+            }
+            let Some((mut conn, url)) = opened else {
+                return Err(failed.unwrap_or(ConnectionError::BadConnection(
+                    "the URL names no host".into(),
+                )));
+            };
             let canceller = conn.canceller(&url);
             let mut slot = Slot {
                 conn: None,

@@ -112,6 +112,39 @@ impl DatabaseUrl {
         self.backend == Backend::Sqlite && self.raw.contains(":memory:")
     }
 
+    /// The single-host URLs a `mysql://` URL with several hosts names, one
+    /// per host in the order written; any other URL alone.
+    ///
+    /// `mysql://user:pw@h1:3306,h2:3307,h3/db?opts` names the nodes of one
+    /// cluster (MariaDB Galera Cluster): an [`Engine`](crate::Engine) on it
+    /// spreads its connections over the nodes that answer, and opens new
+    /// ones on the others when one goes away. The user information, database
+    /// and options are each node's. (PostgreSQL URLs keep their host list:
+    /// libpq reads it itself.)
+    pub fn hosts(&self) -> Vec<DatabaseUrl> {
+        if self.backend != Backend::Mysql {
+            return vec![self.clone()];
+        }
+        let authority = host_part(&self.raw);
+        let scheme_end = self.raw.find("://").map_or(0, |at| at + 3);
+        let (userinfo, hosts) = match authority.rfind('@') {
+            Some(at) => (&authority[..=at], &authority[at + 1..]),
+            None => ("", authority),
+        };
+        if !hosts.contains(',') {
+            return vec![self.clone()];
+        }
+        let rest = &self.raw[scheme_end + authority.len()..];
+        hosts
+            .split(',')
+            .filter(|host| !host.is_empty())
+            .map(|host| DatabaseUrl {
+                raw: format!("{}{userinfo}{host}{rest}", &self.raw[..scheme_end]),
+                backend: self.backend,
+            })
+            .collect()
+    }
+
     /// The URL with its password, for handing to the driver. Never log it.
     pub fn expose(&self) -> &str {
         &self.raw
@@ -455,6 +488,28 @@ fn shared_runs(text: &str, secret: &str, min: usize) -> Vec<Range<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mysql_url_with_several_hosts_names_one_url_per_host() {
+        let url = DatabaseUrl::parse("mysql://u:p@w@h1:3306,h2,[::1]:3307/db?x=1").unwrap();
+        let hosts: Vec<String> = url.hosts().iter().map(|h| h.expose().to_owned()).collect();
+        assert_eq!(
+            hosts,
+            [
+                "mysql://u:p@w@h1:3306/db?x=1",
+                "mysql://u:p@w@h2/db?x=1",
+                "mysql://u:p@w@[::1]:3307/db?x=1"
+            ]
+        );
+        assert_eq!(
+            url.to_string(),
+            "mysql://u:***@h1:3306,h2,[::1]:3307/db?x=1"
+        );
+        let single = DatabaseUrl::parse("mysql://root@127.0.0.1:3306/test").unwrap();
+        assert_eq!(single.hosts(), std::slice::from_ref(&single));
+        let pg = DatabaseUrl::parse("postgres://u@h1,h2/db").unwrap();
+        assert_eq!(pg.hosts(), std::slice::from_ref(&pg));
+    }
 
     #[test]
     fn picks_backend_from_scheme() {
