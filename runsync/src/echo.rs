@@ -6,28 +6,84 @@
 //! `BEGIN`, `COMMIT` and `ROLLBACK` appear as the statements they are.
 //! Connection URLs are always redacted, and connection errors scrubbed.
 
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
 
-use crate::url::{redact, scrub_message};
+use crate::url::{Backend, redact, scrub_message};
 
 /// The `tracing` target of statement events.
 pub const SQL_TARGET: &str = "diesel_runsync::sql";
 
-/// A Diesel [`Instrumentation`] that reports statements to `tracing`.
+/// A statement that failed and took the open transaction with it: its
+/// transaction depth (1: the whole transaction) and its error message.
+pub(crate) type Lost = Arc<Mutex<Option<(u32, String)>>>;
+
+/// A Diesel [`Instrumentation`] that reports statements to `tracing`, and
+/// records in [`Lost`] a failed statement that lost the open transaction:
+/// on PostgreSQL any error (the transaction, or the savepoint, is aborted);
+/// on MySQL/MariaDB a deadlock or conflict (1213, 40001: InnoDB and Galera
+/// roll the whole transaction back, after which `COMMIT` succeeds having
+/// done nothing). A rollback to a savepoint forgives a loss inside it;
+/// `BEGIN` forgets any.
 #[derive(Debug, Default)]
 pub(crate) struct SqlEcho {
     echo: bool,
     started: Option<Instant>,
+    backend: Option<Backend>,
+    depth: u32,
+    lost: Lost,
 }
 
 impl SqlEcho {
-    /// Reports at `INFO` when `echo` is true, else at `DEBUG`.
-    pub(crate) fn new(echo: bool) -> Self {
+    /// Reports at `INFO` when `echo` is true, else at `DEBUG`; records
+    /// transaction losses of `backend` in `lost`.
+    pub(crate) fn new(echo: bool, backend: Backend, lost: Lost) -> Self {
         SqlEcho {
             echo,
             started: None,
+            backend: Some(backend),
+            depth: 0,
+            lost,
+        }
+    }
+
+    /// Keeps [`Lost`] up to date (before any echo, which may be off).
+    fn track(&mut self, event: &InstrumentationEvent<'_>) {
+        match event {
+            InstrumentationEvent::BeginTransaction { depth, .. } => {
+                self.depth = depth.get();
+                if self.depth == 1 {
+                    *self.lost.lock().unwrap() = None;
+                }
+            }
+            InstrumentationEvent::CommitTransaction { depth, .. } => {
+                self.depth = depth.get() - 1;
+            }
+            InstrumentationEvent::RollbackTransaction { depth, .. } => {
+                let mut lost = self.lost.lock().unwrap();
+                if matches!(*lost, Some((at, _)) if at >= depth.get() && depth.get() > 1) {
+                    *lost = None;
+                }
+                self.depth = depth.get() - 1;
+            }
+            InstrumentationEvent::FinishQuery {
+                error: Some(e),
+                query,
+                ..
+            } if self.depth > 0 => {
+                let depth = match (self.backend, e) {
+                    (Some(Backend::Postgres), _) => self.depth,
+                    (Some(Backend::Mysql), e) if loses_mysql_transaction(e) => 1,
+                    _ => return,
+                };
+                let mut lost = self.lost.lock().unwrap();
+                if lost.as_ref().is_none_or(|(at, _)| depth < *at) {
+                    *lost = Some((depth, format!("{e} (in `{query}`)")));
+                }
+            }
+            _ => {}
         }
     }
 
@@ -52,6 +108,7 @@ macro_rules! report {
 
 impl Instrumentation for SqlEcho {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+        self.track(&event);
         if !self.enabled() {
             return;
         }
@@ -80,5 +137,18 @@ impl Instrumentation for SqlEcho {
             },
             _ => {}
         }
+    }
+}
+
+/// Whether a MySQL/MariaDB error rolled the whole transaction back: a
+/// deadlock or a Galera conflict (1213, SQLSTATE 40001).
+fn loses_mysql_transaction(error: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error as D};
+    match error {
+        D::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => true,
+        D::DatabaseError(_, info) => {
+            info.message().contains("Deadlock found") || info.message().contains("deadlock")
+        }
+        _ => false,
     }
 }

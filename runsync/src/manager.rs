@@ -11,7 +11,7 @@ use diesel::result::{ConnectionError, QueryResult};
 use tokio::sync::watch;
 
 use crate::cancel::Canceller;
-use crate::echo::SqlEcho;
+use crate::echo::{Lost, SqlEcho};
 use crate::error::Error;
 use crate::url::DatabaseUrl;
 
@@ -161,6 +161,8 @@ pub(crate) struct Slot<C> {
     /// A timeout was set inside the current transaction: a rollback undoes
     /// it on PostgreSQL, so once that transaction is over it is unknown.
     timeout_set_in_transaction: bool,
+    /// A statement that lost the open transaction (kept by [`SqlEcho`]).
+    lost: Lost,
 }
 
 impl<C> Drop for Slot<C> {
@@ -191,6 +193,27 @@ impl<C: PoolableConnection> Slot<C> {
         self.conn
             .as_mut()
             .expect("a pooled slot holds its connection")
+    }
+
+    /// Commits the open transaction, unless one of its statements failed
+    /// and lost it (see [`SqlEcho`]): then it rolls back and returns a
+    /// serialization failure (retryable), since the server's `COMMIT`
+    /// would report success for work it no longer has.
+    pub(crate) fn commit(&mut self) -> QueryResult<()> {
+        let lost = self.lost.lock().unwrap().take();
+        match lost {
+            Some((_, message)) => {
+                let _ = rollback_all(self.conn_mut());
+                Err(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::SerializationFailure,
+                    Box::new(format!(
+                        "the transaction was rolled back instead of committed: one of its \
+                         statements failed and the server had already undone it: {message}"
+                    )),
+                ))
+            }
+            None => C::TransactionManager::commit_transaction(self.conn_mut()),
+        }
     }
 
     /// Records a successful round trip (lets the next checkout skip its ping).
@@ -348,13 +371,14 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
                 canceller,
                 server_timeout: Some(None),
                 timeout_set_in_transaction: false,
+                lost: Lost::default(),
             };
             if timeout.is_some() {
                 conn.set_statement_timeout(timeout)
                     .map_err(ConnectionError::CouldntSetupConfiguration)?;
                 slot.server_timeout = Some(timeout);
             }
-            conn.set_instrumentation(SqlEcho::new(echo));
+            conn.set_instrumentation(SqlEcho::new(echo, url.backend(), slot.lost.clone()));
             slot.conn = Some(conn);
             Ok::<_, ConnectionError>(slot)
         })

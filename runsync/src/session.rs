@@ -363,7 +363,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
                 // Nobody will see the result: the work must not be committed.
                 let _ = rollback_all(slot.conn_mut());
             } else if matches!(step, Step::Done(_)) && commit {
-                if let Err(e) = C::TransactionManager::commit_transaction(slot.conn_mut()) {
+                if let Err(e) = slot.commit() {
                     step = Step::Commit(e);
                 }
             }
@@ -458,7 +458,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
         }
         let committed = self
             .blocking(|slot| {
-                let result = C::TransactionManager::commit_transaction(slot.conn_mut());
+                let result = slot.commit();
                 if result.is_err() {
                     slot.recover();
                 } else {
