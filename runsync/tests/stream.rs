@@ -21,7 +21,9 @@
 //! - a producer that fails or panics midway, the owned `'static` stream,
 //!   and `stream_query`;
 //! - a consumer that never yields (tokio's coop budget spent while batches
-//!   wait): every row arrives, no livelock.
+//!   wait): every row arrives, no livelock;
+//! - rows that come slowly reach the consumer within milliseconds (the
+//!   batching never holds a row back for long).
 //!
 //! `RUNSYNC_STREAM_DROPS=N` changes the number of drops (default 200).
 
@@ -683,6 +685,53 @@ async fn a_consumer_that_never_yields_gets_every_row<C: Streams>(db: TestDb<C>) 
     session.commit().await.unwrap();
 }
 
+/// Rows that come slowly (a producer stalled between rows, as inside a
+/// slow query) reach a waiting consumer within milliseconds, batching or
+/// not: the first at once, the others within `FLUSH_AFTER` (2 ms) of
+/// being sent, never held until a batch fills.
+async fn rows_that_come_slowly_arrive_at_once<C: Streams>(db: TestDb<C>) {
+    let engine = db.engine().await;
+    let mut session = engine.session();
+    let sent_at = Arc::new(Mutex::new(Vec::new()));
+    let stamps = sent_at.clone();
+    let mut rows = session
+        .stream(move |_conn, sink| {
+            for n in 0..6 {
+                // Two rows back to back, then a stall.
+                stamps.lock().unwrap().push(Instant::now());
+                sink.send(n)?;
+                if n % 2 == 1 {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            }
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    let mut worst = Duration::ZERO;
+    let mut seen = 0;
+    while let Some(row) = rows.next().await {
+        assert_eq!(row.unwrap(), seen);
+        let sent = sent_at.lock().unwrap()[seen as usize];
+        worst = worst.max(sent.elapsed());
+        seen += 1;
+    }
+    drop(rows);
+    session.rollback().await.unwrap();
+    assert_eq!(seen, 6);
+    figure(format!(
+        "stream_latency {}: slowest row from send to consumer {:.1} ms",
+        C::NAME,
+        worst.as_secs_f64() * 1e3
+    ));
+    // 2 ms by design; generous for a loaded machine, far below the stalls.
+    assert!(
+        worst < Duration::from_millis(150),
+        "{}: a row waited {worst:?}",
+        C::NAME
+    );
+}
+
 mod current {
     use super::*;
     use crate::common::per_backend;
@@ -694,6 +743,7 @@ mod current {
     per_backend!(a_failing_producer_ends_the_stream_with_its_error);
     per_backend!(an_owned_stream_is_static);
     per_backend!(a_consumer_that_never_yields_gets_every_row);
+    per_backend!(rows_that_come_slowly_arrive_at_once);
 }
 
 mod multi {
@@ -710,4 +760,5 @@ mod multi {
     );
     per_backend!(an_owned_stream_is_static, multi_thread);
     per_backend!(a_consumer_that_never_yields_gets_every_row, multi_thread);
+    per_backend!(rows_that_come_slowly_arrive_at_once, multi_thread);
 }

@@ -12,14 +12,19 @@
 //! Rows travel in batches over a bounded `tokio::sync::mpsc` channel; the
 //! producer sends with `blocking_send`, so a consumer slower than the
 //! producer makes the producer wait (and with it the query: on PostgreSQL
-//! and SQLite the server or engine produces no more rows than are read). A
-//! row goes out at once when the channel is empty (the consumer is waiting
-//! for it, so time to first row is not delayed by batching); while the
-//! consumer is busy, rows gather into a batch of at most [`BATCH_ROWS`],
-//! which the consumer also takes as soon as it finds the channel empty. At
+//! and SQLite the server or engine produces no more rows than are read). At
 //! most [`STREAM_BUFFER_ROWS`] rows are ever out of the producer's hands
-//! and not yet handed to the consumer. No async worker thread ever blocks:
-//! the consumer side only polls the channel and the task's `JoinHandle`.
+//! and not yet handed to the consumer. The first row goes at once (time to
+//! first row is not delayed by batching); after it, rows gather into
+//! batches of at most [`BATCH_ROWS`], sent when full or when their oldest
+//! row has waited [`FLUSH_AFTER`]; a consumer that finds the channel empty
+//! takes the rows gathered so far itself, and while it waits it looks again
+//! every [`FLUSH_AFTER`], so a row never waits longer than that for a
+//! producer stalled in the driver. Waking the consumer once per batch
+//! rather than once per row is what makes a stream as fast as `load()`
+//! (a cross-thread wake-up costs more than reading a row). No async worker
+//! thread ever blocks: the consumer side only polls the channel, a timer
+//! and the task's `JoinHandle`.
 //!
 //! # What each driver does with `load_iter`
 //!
@@ -45,6 +50,7 @@
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use diesel::query_dsl::RunQueryDsl;
 use diesel::query_dsl::methods::LoadQuery;
@@ -62,6 +68,12 @@ const BATCH_ROWS: usize = 256;
 
 /// Batches the channel holds before the producer waits.
 const CHANNEL_BATCHES: usize = 2;
+
+/// Longest a gathered row waits for its batch to fill: the producer sends
+/// a batch this old with its next row, and a waiting consumer takes what
+/// has gathered at least this often (a producer may stall inside the
+/// driver between rows).
+const FLUSH_AFTER: Duration = Duration::from_millis(2);
 
 /// Most rows of a stream buffered at once between the producer and the
 /// consumer: the channel's batches, the batch being filled, and the batch
@@ -126,6 +138,10 @@ pub struct RowSink<T> {
     tx: mpsc::Sender<Vec<T>>,
     pending: Arc<Mutex<Vec<T>>>,
     closed: bool,
+    /// Nothing sent yet: the first row goes at once.
+    first: bool,
+    /// When the oldest row still gathered was gathered.
+    gathering_since: Instant,
 }
 
 impl<T> std::fmt::Debug for RowSink<T> {
@@ -148,14 +164,18 @@ impl<T> RowSink<T> {
         }
         let batch = {
             let mut pending = lock(&self.pending);
-            pending.push(row);
-            // An empty channel: the consumer has caught up (it is probably
-            // waiting), so the row goes now; else it joins the batch.
-            if pending.len() >= BATCH_ROWS || self.tx.capacity() == self.tx.max_capacity() {
-                Some(std::mem::take(&mut *pending))
-            } else {
-                None
+            if pending.is_empty() {
+                self.gathering_since = Instant::now();
             }
+            pending.push(row);
+            // The first row at once (time to first row); then full batches,
+            // or what has waited FLUSH_AFTER: one wake-up of the consumer
+            // per batch, not per row.
+            let due = pending.len() >= BATCH_ROWS
+                || self.first
+                || self.gathering_since.elapsed() >= FLUSH_AFTER;
+            self.first = false;
+            due.then(|| std::mem::take(&mut *pending))
         };
         match batch {
             Some(batch) => self.send_batch(batch),
@@ -257,6 +277,10 @@ pub struct RowStream<'s, C: PoolableConnection, T, E> {
     handoff: Arc<Mutex<Handoff<C, E>>>,
     flag: Option<CancelFlag>,
     phase: Phase,
+    /// A first batch has arrived.
+    started: bool,
+    /// Wakes a waiting consumer to take rows gathered by a stalled producer.
+    tick: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<C: PoolableConnection, T, E> std::fmt::Debug for RowStream<'_, C, T, E> {
@@ -387,6 +411,8 @@ impl<C: PoolableConnection> AsyncSession<C> {
             tx,
             pending: pending.clone(),
             closed: false,
+            first: true,
+            gathering_since: Instant::now(),
         };
         let shared = handoff.clone();
         let task = tokio::task::spawn_blocking(move || {
@@ -461,6 +487,8 @@ impl<C: PoolableConnection, T, E> Started<C, T, E> {
             handoff: self.handoff,
             flag: Some(self.flag),
             phase: Phase::Rows,
+            started: false,
+            tick: None,
         }
     }
 }
@@ -480,7 +508,10 @@ impl<C: PoolableConnection, T, E: From<Error>> RowStream<'_, C, T, E> {
                         return Poll::Ready(Some(Ok(row)));
                     }
                     match self.rx.poll_recv(cx) {
-                        Poll::Ready(Some(batch)) => self.batch = batch.into_iter(),
+                        Poll::Ready(Some(batch)) => {
+                            self.started = true;
+                            self.batch = batch.into_iter();
+                        }
                         Poll::Ready(None) => {
                             self.batch = std::mem::take(&mut *lock(&self.pending)).into_iter();
                             self.phase = Phase::Joining;
@@ -497,10 +528,28 @@ impl<C: PoolableConnection, T, E: From<Error>> RowStream<'_, C, T, E> {
                             // the batch is still being written (the sender
                             // wakes this task): wait, never spin.
                             let mut pending = lock(&self.pending);
-                            if !self.rx.is_empty() || pending.is_empty() {
+                            if !self.rx.is_empty() {
                                 return Poll::Pending;
                             }
-                            self.batch = std::mem::take(&mut *pending).into_iter();
+                            if !pending.is_empty() {
+                                self.batch = std::mem::take(&mut *pending).into_iter();
+                                continue;
+                            }
+                            drop(pending);
+                            // Nothing yet. Once rows flow, look again every
+                            // FLUSH_AFTER: rows gathered before the producer
+                            // stalled are not kept waiting for more.
+                            if !self.started {
+                                return Poll::Pending;
+                            }
+                            let tick = self
+                                .tick
+                                .get_or_insert_with(|| Box::pin(tokio::time::sleep(FLUSH_AFTER)));
+                            if tick.as_mut().poll(cx).is_pending() {
+                                return Poll::Pending;
+                            }
+                            tick.as_mut()
+                                .reset(tokio::time::Instant::now() + FLUSH_AFTER);
                         }
                     }
                 }
