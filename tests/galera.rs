@@ -14,10 +14,14 @@
 //! node 2 (SPEC's output, ids stepping by 3); read-after-write from node 1
 //! to node 2 with `SET SESSION wsrep_sync_wait = 1`; 3 x 8 tasks over the
 //! three nodes bringing 32 counters to 100 each with
-//! `transaction_with_retry` (sum exact on every node); units through all
-//! three nodes while node 3 is SIGKILLed, then restarted from its
-//! recovered position (IST): no acknowledged unit lost, none duplicated,
-//! none partial, every node with the same rows. It prints `FIGURE galera`
+//! `transaction_with_retry` (sum exact on every node); the loser of a
+//! conflict between nodes swallowing the 1213 of its next statement: its
+//! `COMMIT` is refused with a retryable error, the winner's row stays;
+//! units through all three nodes while node 3 is SIGKILLed, then restarted
+//! from its recovered position (IST): no acknowledged unit lost, none
+//! duplicated, none partial, every node with the same rows; one engine
+//! over the three nodes (`mysql://root@h:p1,h:p2,h:p3/test`) spreading its
+//! sessions, going on on nodes 1 and 2 when node 3 is SIGKILLed. It prints `FIGURE galera`
 //! lines (cold start, conflicts, retries, stall after the kill, rejoin).
 //!
 //! Both are ignored like the other MySQL tests (`mysql` feature off, or
@@ -891,6 +895,60 @@ mod cluster {
         ));
     }
 
+    /// The loser of a conflict between nodes, whose closure swallows the
+    /// 1213 its next statement gets (after which the server's `COMMIT`
+    /// would return OK having done nothing), is not reported committed.
+    fn swallowed_conflict(rt: &tokio::runtime::Runtime, cluster: &Cluster) {
+        let engines = engines(rt, cluster);
+        rt.block_on(async {
+            let (on1, on2) = (&engines[0], &engines[1]);
+            on1.transaction(|c: &mut AnyConnection| {
+                diesel::sql_query("CREATE TABLE duel (id INT PRIMARY KEY, who TEXT)").execute(c)?;
+                diesel::sql_query("INSERT INTO duel VALUES (1, 'nobody')").execute(c)
+            })
+            .await
+            .unwrap();
+            let mut loser = on2.begin().await.unwrap();
+            loser
+                .run_sync(|c: &mut AnyConnection| {
+                    c.batch_execute("SET SESSION wsrep_sync_wait = 1")?;
+                    diesel::sql_query("UPDATE duel SET who = 'node2' WHERE id = 1").execute(c)
+                })
+                .await
+                .unwrap();
+            on1.transaction(|c: &mut AnyConnection| {
+                diesel::sql_query("UPDATE duel SET who = 'node1' WHERE id = 1").execute(c)
+            })
+            .await
+            .unwrap();
+            // Node 2 applies node 1's write set, which aborts the loser.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let swallowed = loser
+                .run_sync(|c: &mut AnyConnection| {
+                    let next = diesel::sql_query("SELECT 1").execute(c);
+                    Ok::<_, diesel_runsync::Error>(next.err().map(|e| e.to_string()))
+                })
+                .await
+                .unwrap();
+            let swallowed = swallowed.expect("the loser's next statement fails");
+            assert!(swallowed.contains("Deadlock"), "{swallowed}");
+            let e = loser
+                .commit()
+                .await
+                .expect_err("the loser's COMMIT must not succeed");
+            assert!(diesel_runsync::Retryable::is_retryable(&e), "{e}");
+            figure(format!("swallowed_conflict loser_commit_error={e:?}"));
+        });
+        let mut conn = cluster.connect(1, "test");
+        conn.batch_execute("SET SESSION wsrep_sync_wait = 1")
+            .unwrap();
+        let who = diesel::sql_query("SELECT who AS value FROM duel WHERE id = 1")
+            .get_result::<Value>(&mut conn)
+            .unwrap()
+            .value;
+        assert_eq!(who, "node1");
+    }
+
     pub fn scenarios() {
         let cold = Instant::now();
         let mut cluster = Cluster::start();
@@ -906,6 +964,7 @@ mod cluster {
             .build()
             .unwrap();
         contention(&rt, &cluster);
+        swallowed_conflict(&rt, &cluster);
         kill_and_rejoin(&rt, &mut cluster);
         multi_host(&rt, &mut cluster);
         drop(rt);
