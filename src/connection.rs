@@ -116,6 +116,11 @@ impl PoolableConnection for AnyConnection {
         on_inner_connection!(self, |conn| conn.begin_outer_transaction())
     }
 
+    /// The inner connection's (a Galera node not `wsrep_ready` says no).
+    fn ready(&mut self) -> QueryResult<()> {
+        on_inner_connection!(self, |conn| conn.ready())
+    }
+
     /// The inner connection's: `pg_cancel_backend`, `KILL QUERY` or
     /// `sqlite3_interrupt` when a statement is cancelled.
     fn canceller(&mut self, url: &DatabaseUrl) -> Option<Canceller> {

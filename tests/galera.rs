@@ -949,6 +949,57 @@ mod cluster {
         assert_eq!(who, "node1");
     }
 
+    /// A node cut off from the others (`gmcast.isolate=1`: outside the
+    /// primary component, `wsrep_ready = OFF`) still accepts connections;
+    /// an engine over the three nodes opens none there. The node is then
+    /// killed and rejoins by IST.
+    fn not_ready_node_skipped(rt: &tokio::runtime::Runtime, cluster: &mut Cluster) {
+        cluster
+            .connect(2, "mysql")
+            .batch_execute("SET GLOBAL wsrep_provider_options = 'gmcast.isolate=1'")
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let size = status(&mut cluster.connect(0, "mysql"), "wsrep_cluster_size");
+            let ready = MysqlConnection::establish(&cluster.url(2, "mysql"))
+                .ok()
+                .and_then(|mut c| status(&mut c, "wsrep_ready"));
+            if size.as_deref() == Some("2") && ready.as_deref() == Some("OFF") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node 3 never left: {size:?} {ready:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let hosts: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let url = format!("mysql://root@{}/test", hosts.join(","));
+        let engine: Engine<AnyConnection> = rt
+            .block_on(Engine::connect(
+                &url,
+                EngineOptions::default()
+                    .max_size(6)
+                    .connection_timeout(Duration::from_secs(5)),
+            ))
+            .unwrap();
+        let spread = rt.block_on(nodes_of_sessions(&engine, 6));
+        assert_eq!(
+            spread,
+            ["node1", "node2"],
+            "no session on the isolated node"
+        );
+        drop(engine);
+        cluster.kill(2);
+        cluster.restart(2);
+        cluster.wait_synced(2, 3);
+        figure(format!("not_ready_node_skipped spread={spread:?}"));
+    }
+
     pub fn scenarios() {
         let cold = Instant::now();
         let mut cluster = Cluster::start();
@@ -966,6 +1017,7 @@ mod cluster {
         contention(&rt, &cluster);
         swallowed_conflict(&rt, &cluster);
         kill_and_rejoin(&rt, &mut cluster);
+        not_ready_node_skipped(&rt, &mut cluster);
         multi_host(&rt, &mut cluster);
         drop(rt);
         drop(cluster);

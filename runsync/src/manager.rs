@@ -37,6 +37,15 @@ pub trait PoolableConnection: Connection + Send + 'static {
         self.batch_execute("SELECT 1")
     }
 
+    /// Whether this connection's server takes work: asked of each new
+    /// connection of an engine over several nodes (a `mysql://` URL with
+    /// several hosts), which goes on to the next node when it fails. The
+    /// default says yes; MySQL/MariaDB says no for a Galera node that is
+    /// not `wsrep_ready` (outside the primary component, or still joining).
+    fn ready(&mut self) -> QueryResult<()> {
+        Ok(())
+    }
+
     /// A handle that stops, from another thread, the statement this
     /// connection is running: called once, right after [`connect`](Self::connect),
     /// on the same thread. The engine uses it when an operation's future is
@@ -84,6 +93,33 @@ impl PoolableConnection for diesel::PgConnection {
 #[cfg(feature = "mysql")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
 impl PoolableConnection for diesel::MysqlConnection {
+    fn ready(&mut self) -> QueryResult<()> {
+        #[derive(diesel::QueryableByName)]
+        struct Ready {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            value: String,
+        }
+        let ready: Option<Ready> = diesel::RunQueryDsl::get_result(
+            diesel::sql_query(
+                "SELECT VARIABLE_VALUE AS value FROM information_schema.GLOBAL_STATUS \
+                 WHERE VARIABLE_NAME = 'WSREP_READY'",
+            ),
+            self,
+        )
+        .map(Some)
+        .or_else(|e| match e {
+            diesel::result::Error::NotFound => Ok(None),
+            e => Err(e),
+        })?;
+        match ready {
+            Some(r) if r.value != "ON" => Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::Unknown,
+                Box::new("this Galera node is not ready (wsrep_ready is OFF)".to_owned()),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn canceller(&mut self, url: &DatabaseUrl) -> Option<Canceller> {
         crate::cancel::mysql(self, url)
     }
@@ -348,7 +384,14 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
             let mut opened = None;
             for i in 0..hosts.len() {
                 let url = &hosts[(first + i) % hosts.len()];
-                match C::connect(url) {
+                let ready = C::connect(url).and_then(|mut conn| {
+                    if hosts.len() > 1 {
+                        conn.ready()
+                            .map_err(ConnectionError::CouldntSetupConfiguration)?;
+                    }
+                    Ok(conn)
+                });
+                match ready {
                     Ok(conn) => {
                         opened = Some((conn, url.clone()));
                         break;
