@@ -921,8 +921,20 @@ mod cluster {
             })
             .await
             .unwrap();
-            // Node 2 applies node 1's write set, which aborts the loser.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Node 2 applying node 1's write set aborts the loser: once a
+            // causal read there sees node 1's value, that has happened.
+            let url = cluster.url(1, "test");
+            crate::common::blocking(move || {
+                let mut conn = MysqlConnection::establish(&url).unwrap();
+                conn.batch_execute("SET SESSION wsrep_sync_wait = 1")
+                    .unwrap();
+                let who = diesel::sql_query("SELECT who AS value FROM duel WHERE id = 1")
+                    .get_result::<Value>(&mut conn)
+                    .unwrap()
+                    .value;
+                assert_eq!(who, "node1");
+            })
+            .await;
             let swallowed = loser
                 .run_sync(|c: &mut AnyConnection| {
                     let next = diesel::sql_query("SELECT 1").execute(c);
