@@ -167,8 +167,13 @@ where
     Ok(())
 }
 
+/// Prints a figure line, tagged with the runtime flavour it was taken on.
 fn figure(line: String) {
-    let _ = writeln!(std::io::stderr(), "FIGURE {line}");
+    let flavour = match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => "current",
+        _ => "multi",
+    };
+    let _ = writeln!(std::io::stderr(), "FIGURE [{flavour}] {line}");
 }
 
 /// Tests that must not overlap with one another in this process: the
