@@ -91,6 +91,9 @@ pub const STREAM_BUFFER_ROWS: usize = (CHANNEL_BATCHES + 2) * BATCH_ROWS;
 /// | `SqliteConnection` | `DefaultLoadingMode` | one at a time (`sqlite3_step`) |
 /// | `MysqlConnection` | `DefaultLoadingMode` | all at once by libmysqlclient (`mysql_stmt_store_result`) |
 ///
+/// For MySQL, a producer that reads keyset pages (`WHERE id > last ORDER BY
+/// id LIMIT n`) keeps client memory to one page.
+///
 /// Implement it for your own connection type (a `#[derive(MultiConnection)]`
 /// enum supports `DefaultLoadingMode` only, which on PostgreSQL buffers the
 /// whole result: match on its variants and stream from the inner
@@ -337,7 +340,13 @@ impl<C: PoolableConnection> AsyncSession<C> {
     /// On PostgreSQL, pass `PgRowByRowLoadingMode` to `load_iter` (or use
     /// [`stream_query`](Self::stream_query)): with `DefaultLoadingMode`
     /// libpq receives the whole result first. On MySQL the driver always
-    /// does (see the [`StreamingMode`] table).
+    /// does (see the [`StreamingMode`] table): to keep memory flat there,
+    /// read keyset pages in the closure (`WHERE id > last ORDER BY id
+    /// LIMIT n`, looping until a short page), all inside the one transaction.
+    /// On SQLite the engine begins every transaction `IMMEDIATE`, so a
+    /// stream holds the database's write lock until the session commits or
+    /// rolls back (or, for [`into_stream`](Self::into_stream), until the
+    /// stream is dropped).
     ///
     /// If `f` returns an error or panics, the stream yields that error
     /// after the rows sent before it, the transaction is rolled back and the
