@@ -86,8 +86,8 @@ def main(paths):
             )
     if loads:
         print("\n#### Load: units of work per second, p50 / p99 latency (µs), failures\n")
-        print("| backend | C | impl | conns | tx/s | p50 µs | p99 µs | failures |")
-        print("|---|---:|---|---:|---|---|---|---|")
+        print("| backend | C | impl | conns | tx/s | p50 µs | p99 µs | max µs | fewest units of one task | failures |")
+        print("|---|---:|---|---:|---|---|---|---|---|---|")
         keys = sorted(loads, key=lambda k: (BACKENDS.index(k[0]), k[1], LOADERS.index(k[2]) if k[2] in LOADERS else 99))
         for backend, clients, impl in keys:
             recs = loads[(backend, clients, impl)]
@@ -95,7 +95,9 @@ def main(paths):
             conns = " / ".join(str(r.get("connections", r.get("pool", ""))) for r in recs)
             print(
                 f"| {backend} | {clients} | {impl} | {conns} | {join('tps', '.0f')} | {join('p50_us', '.0f')} | "
-                f"{join('p99_us', '.0f')} | {' / '.join(str(r.get('failures', 0)) for r in recs)} |"
+                f"{join('p99_us', '.0f')} | {join('max_us', '.0f')} | "
+                f"{' / '.join(str(r.get('min_units_per_task', '')) for r in recs)} | "
+                f"{' / '.join(str(r.get('failures', 0)) for r in recs)} |"
             )
         if goals:
             print("\n#### Load: the facade against the best of the others (same level, same run)\n")

@@ -193,6 +193,10 @@ pub struct Load {
     pub latencies: Vec<Duration>,
     /// Connections the implementation had open at the end.
     pub connections: u32,
+    /// The fewest units (committed or failed) any one task finished: a
+    /// pool that lets some tasks starve shows it here, while the latency
+    /// percentiles of the units that did finish look good.
+    pub min_units_per_task: usize,
 }
 
 /// What one task of [`drive`] recorded.
@@ -230,6 +234,11 @@ fn collect(records: Vec<TaskRecord>, elapsed: Duration, connections: u32) -> Loa
         elapsed,
         latencies: Vec::new(),
         connections,
+        min_units_per_task: records
+            .iter()
+            .map(|r| r.latencies.len() + r.failures)
+            .min()
+            .unwrap_or(0),
     };
     for r in records {
         load.failures += r.failures;
@@ -470,6 +479,8 @@ pub struct PgbenchLoad {
     pub failures: usize,
     /// Its connections (= its clients).
     pub clients: usize,
+    /// The fewest transactions one client finished (from the log).
+    pub min_units_per_client: usize,
     /// The command run.
     pub command: String,
 }
@@ -601,6 +612,7 @@ pub fn pgbench(
     let failures =
         pgbench_figure(&stdout, "number of failed transactions: ").unwrap_or(0.0) as usize;
     let mut latencies_us = Vec::new();
+    let mut per_client: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
     for entry in std::fs::read_dir(&dir)? {
         let path = entry?.path();
         let is_log = path
@@ -612,7 +624,11 @@ pub fn pgbench(
         }
         for line in std::fs::read_to_string(&path)?.lines() {
             // client_id transaction_no time_us script_no epoch epoch_us
-            if let Some(us) = line.split_whitespace().nth(2).and_then(|v| v.parse().ok()) {
+            let mut fields = line.split_whitespace();
+            if let Some(client) = fields.next().and_then(|v| v.parse().ok()) {
+                *per_client.entry(client).or_default() += 1;
+            }
+            if let Some(us) = fields.nth(1).and_then(|v| v.parse().ok()) {
                 latencies_us.push(us);
             }
         }
@@ -623,6 +639,10 @@ pub fn pgbench(
         latencies_us,
         failures,
         clients,
+        min_units_per_client: (0..clients)
+            .map(|c| per_client.get(&c).copied().unwrap_or(0))
+            .min()
+            .unwrap_or(0),
         command,
     }))
 }

@@ -832,6 +832,8 @@ struct LoadFigures {
     p99: f64,
     mean: f64,
     max: f64,
+    /// The fewest units one task (pgbench: one client) finished.
+    min_units: usize,
     /// One of the 8-connection pools (the goal's "others"), not pgbench.
     pooled: bool,
 }
@@ -846,6 +848,7 @@ impl LoadFigures {
             load.transactions as f64 / load.elapsed.as_secs_f64(),
             &us,
             load.failures,
+            load.min_units_per_task,
             true,
         )
     }
@@ -857,6 +860,7 @@ impl LoadFigures {
         tps: f64,
         us: &[f64],
         failures: usize,
+        min_units: usize,
         pooled: bool,
     ) -> Self {
         LoadFigures {
@@ -870,6 +874,7 @@ impl LoadFigures {
             p99: percentile(us, 99.0),
             mean: us.iter().sum::<f64>() / us.len().max(1) as f64,
             max: us.iter().copied().fold(0.0, f64::max),
+            min_units,
             pooled,
         }
     }
@@ -974,6 +979,7 @@ fn concurrency(
                         pg.tps,
                         &pg.latencies_us,
                         pg.failures,
+                        pg.min_units_per_client,
                         false,
                     );
                     figures.name = name.to_owned();
@@ -983,7 +989,7 @@ fn concurrency(
             let f = &figures;
             writeln!(
                 out,
-                "{{\"summary\": \"concurrency\", \"backend\": \"{}\", \"impl\": \"{}\", \"clients\": {clients}, \"connections\": {}, \"seconds\": {:.3}, \"transactions\": {}, \"failures\": {}, \"tps\": {:.1}, \"p50_us\": {:.1}, \"p99_us\": {:.1}, \"mean_us\": {:.1}, \"max_us\": {:.1}}}",
+                "{{\"summary\": \"concurrency\", \"backend\": \"{}\", \"impl\": \"{}\", \"clients\": {clients}, \"connections\": {}, \"seconds\": {:.3}, \"transactions\": {}, \"failures\": {}, \"tps\": {:.1}, \"p50_us\": {:.1}, \"p99_us\": {:.1}, \"mean_us\": {:.1}, \"max_us\": {:.1}, \"min_units_per_task\": {}}}",
                 backend.name(),
                 f.name,
                 f.connections,
@@ -994,10 +1000,11 @@ fn concurrency(
                 f.p50,
                 f.p99,
                 f.mean,
-                f.max
+                f.max,
+                f.min_units
             )?;
             report.lines.push(format!(
-                "concurrency {:<8} C={clients:<3} {:<13} ({:>2} conns) {:>9.1} tx/s  p50 {:>9.1} us  p99 {:>9.1} us  mean {:>9.1} us  max {:>10.1} us  failures {}{}",
+                "concurrency {:<8} C={clients:<3} {:<13} ({:>2} conns) {:>9.1} tx/s  p50 {:>9.1} us  p99 {:>9.1} us  mean {:>9.1} us  max {:>10.1} us  min/task {:>5}  failures {}{}",
                 backend.name(),
                 f.name,
                 f.connections,
@@ -1006,6 +1013,7 @@ fn concurrency(
                 f.p99,
                 f.mean,
                 f.max,
+                f.min_units,
                 f.failures,
                 note.map(|n| format!("   [{n}]")).unwrap_or_default()
             ));
