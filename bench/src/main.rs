@@ -853,6 +853,7 @@ impl LoadFigures {
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn new(
         name: &str,
         connections: usize,
