@@ -62,6 +62,9 @@
 //! - `session` — [`AsyncSession`]: `run_sync`, `begin`, `commit`, `rollback`,
 //!   `transaction`, deadlines ([`AsyncSession::with_timeout`]), and how
 //!   cancellation and panics are contained.
+//! - `session::stream` — [`AsyncSession::stream`], [`RowStream`],
+//!   [`RowSink`], [`StreamingMode`]: the rows of a synchronous query as an
+//!   async `Stream`, over a bounded channel, inside the session's transaction.
 //! - `cancel` — [`Canceller`]: cancellation that reaches the server
 //!   (`pg_cancel_backend`, `KILL QUERY`, `sqlite3_interrupt`) when an
 //!   operation's future is dropped or its deadline passes.
