@@ -729,9 +729,9 @@ async fn rows_that_come_slowly_arrive_at_once<C: Streams>(db: TestDb<C>) {
         C::NAME,
         worst.as_secs_f64() * 1e3
     ));
-    // 2 ms by design; generous for a loaded machine, far below the stalls.
+    // 2 ms by design; generous for a loaded machine, still below the 300 ms stalls.
     assert!(
-        worst < Duration::from_millis(150),
+        worst < Duration::from_millis(250),
         "{}: a row waited {worst:?}",
         C::NAME
     );
