@@ -24,7 +24,10 @@
 //!   killed statement fails with *Query execution was interrupted* (what
 //!   Diesel saw for a killed `SLEEP()` on MariaDB 10.11; some versions
 //!   return 1 from it instead): either way the engine never trusts the
-//!   result of a cancelled operation, it rolls back whatever it did.
+//!   result of a cancelled operation, it rolls back whatever it did. A
+//!   connection whose statement was interrupted is then closed, not pooled:
+//!   cut while its result was on its way, libmysqlclient's prepared
+//!   statement (cached by Diesel) would wait forever on its next execution.
 //! - **SQLite**: `sqlite3_interrupt` on the connection's `sqlite3*`. Diesel
 //!   2.3 does not expose the handle, so the engine registers (once per
 //!   process) an SQLite *auto extension*, which SQLite calls on the opening

@@ -6,6 +6,7 @@
 //! `BEGIN`, `COMMIT` and `ROLLBACK` appear as the statements they are.
 //! Connection URLs are always redacted, and connection errors scrubbed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -20,6 +21,11 @@ pub const SQL_TARGET: &str = "diesel_runsync::sql";
 /// transaction depth (1: the whole transaction) and its error message.
 pub(crate) type Lost = Arc<Mutex<Option<(u32, String)>>>;
 
+/// Set once a MySQL/MariaDB statement of the connection was interrupted
+/// (`KILL QUERY` or a server deadline, errors 1317, 1969, 3024): the
+/// connection must not be reused (see [`SqlEcho`]).
+pub(crate) type Interrupted = Arc<AtomicBool>;
+
 /// A Diesel [`Instrumentation`] that reports statements to `tracing`, and
 /// records in [`Lost`] a failed statement that lost the open transaction:
 /// on PostgreSQL any error (the transaction, or the savepoint, is aborted);
@@ -27,6 +33,13 @@ pub(crate) type Lost = Arc<Mutex<Option<(u32, String)>>>;
 /// roll the whole transaction back, after which `COMMIT` succeeds having
 /// done nothing). A rollback to a savepoint forgives a loss inside it;
 /// `BEGIN` forgets any.
+///
+/// It also records in [`Interrupted`] a MySQL/MariaDB statement cut short
+/// by the server: when that happens while the result set is on its way,
+/// libmysqlclient's prepared statement (which Diesel caches) is left
+/// expecting the rest of it, and the next execution of the same statement
+/// waits forever for rows the server never sends. Such a connection is
+/// closed instead of going back to the pool.
 #[derive(Debug, Default)]
 pub(crate) struct SqlEcho {
     echo: bool,
@@ -34,23 +47,32 @@ pub(crate) struct SqlEcho {
     backend: Option<Backend>,
     depth: u32,
     lost: Lost,
+    interrupted: Interrupted,
 }
 
 impl SqlEcho {
     /// Reports at `INFO` when `echo` is true, else at `DEBUG`; records
-    /// transaction losses of `backend` in `lost`.
-    pub(crate) fn new(echo: bool, backend: Backend, lost: Lost) -> Self {
+    /// transaction losses of `backend` in `lost`, interrupted statements
+    /// in `interrupted`.
+    pub(crate) fn new(echo: bool, backend: Backend, lost: Lost, interrupted: Interrupted) -> Self {
         SqlEcho {
             echo,
             started: None,
             backend: Some(backend),
             depth: 0,
             lost,
+            interrupted,
         }
     }
 
-    /// Keeps [`Lost`] up to date (before any echo, which may be off).
+    /// Keeps [`Lost`] and [`Interrupted`] up to date (before any echo,
+    /// which may be off).
     fn track(&mut self, event: &InstrumentationEvent<'_>) {
+        if let InstrumentationEvent::FinishQuery { error: Some(e), .. } = event {
+            if self.backend == Some(Backend::Mysql) && interrupts_mysql_statement(e) {
+                self.interrupted.store(true, Ordering::Release);
+            }
+        }
         match event {
             InstrumentationEvent::BeginTransaction { depth, .. } => {
                 self.depth = depth.get();
@@ -149,6 +171,18 @@ fn loses_mysql_transaction(error: &diesel::result::Error) -> bool {
         D::DatabaseError(_, info) => {
             info.message().contains("Deadlock found") || info.message().contains("deadlock")
         }
+        _ => false,
+    }
+}
+
+/// Whether a MySQL/MariaDB statement was cut short by the server:
+/// `KILL QUERY` (1317), MariaDB's `max_statement_time` (1969) or MySQL's
+/// `MAX_EXECUTION_TIME` (3024); all three messages begin the same way.
+fn interrupts_mysql_statement(error: &diesel::result::Error) -> bool {
+    match error {
+        diesel::result::Error::DatabaseError(_, info) => info
+            .message()
+            .starts_with("Query execution was interrupted"),
         _ => false,
     }
 }

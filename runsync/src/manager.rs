@@ -11,7 +11,7 @@ use diesel::result::{ConnectionError, QueryResult};
 use tokio::sync::watch;
 
 use crate::cancel::Canceller;
-use crate::echo::{Lost, SqlEcho};
+use crate::echo::{Interrupted, Lost, SqlEcho};
 use crate::error::Error;
 use crate::url::DatabaseUrl;
 
@@ -199,6 +199,9 @@ pub(crate) struct Slot<C> {
     timeout_set_in_transaction: bool,
     /// A statement that lost the open transaction (kept by [`SqlEcho`]).
     lost: Lost,
+    /// A MySQL statement was interrupted: never reuse the connection
+    /// (kept by [`SqlEcho`]).
+    interrupted: Interrupted,
 }
 
 impl<C> Drop for Slot<C> {
@@ -212,9 +215,13 @@ impl<C> Drop for Slot<C> {
 }
 
 impl<C: PoolableConnection> Slot<C> {
-    /// True when the connection must not be reused: gone, or with a
-    /// transaction open or its transaction manager broken.
+    /// True when the connection must not be reused: gone, with a
+    /// transaction open or its transaction manager broken, or with a MySQL
+    /// statement interrupted (its cached prepared statement would hang).
     fn is_unusable(&mut self) -> bool {
+        if self.interrupted.load(Ordering::Acquire) {
+            return true;
+        }
         match self.conn.as_mut() {
             None => true,
             Some(conn) => !matches!(
@@ -266,6 +273,11 @@ impl<C: PoolableConnection> Slot<C> {
         };
         // A failed ROLLBACK is logged there; the ping below decides.
         let _ = rollback_all(conn);
+        if self.interrupted.load(Ordering::Acquire) {
+            tracing::debug!("closing a connection whose statement was interrupted");
+            self.close();
+            return;
+        }
         if let Err(e) = conn.ping() {
             tracing::warn!("closing a connection that no longer answers: {e}");
             self.close();
@@ -415,13 +427,19 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
                 server_timeout: Some(None),
                 timeout_set_in_transaction: false,
                 lost: Lost::default(),
+                interrupted: Interrupted::default(),
             };
             if timeout.is_some() {
                 conn.set_statement_timeout(timeout)
                     .map_err(ConnectionError::CouldntSetupConfiguration)?;
                 slot.server_timeout = Some(timeout);
             }
-            conn.set_instrumentation(SqlEcho::new(echo, url.backend(), slot.lost.clone()));
+            conn.set_instrumentation(SqlEcho::new(
+                echo,
+                url.backend(),
+                slot.lost.clone(),
+                slot.interrupted.clone(),
+            ));
             slot.conn = Some(conn);
             Ok::<_, ConnectionError>(slot)
         })

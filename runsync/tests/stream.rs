@@ -23,7 +23,11 @@
 //! - a consumer that never yields (tokio's coop budget spent while batches
 //!   wait): every row arrives, no livelock;
 //! - rows that come slowly reach the consumer within milliseconds (the
-//!   batching never holds a row back for long).
+//!   batching never holds a row back for long);
+//! - a cached (DSL) query cut while its result is on its way, by a dropped
+//!   stream or a deadline, 40 times: the same query afterwards returns
+//!   every row. On MySQL/MariaDB the interrupted prepared statement would
+//!   wait forever for the rest of its result, so its connection is closed.
 //!
 //! `RUNSYNC_STREAM_DROPS=N` changes the number of drops (default 200).
 
@@ -59,8 +63,20 @@ struct Padded {
     pad: String,
 }
 
+diesel::table! {
+    /// The harness's `items` table, for a query Diesel caches as a
+    /// prepared statement (`sql_query` text is never cached).
+    items (id) {
+        id -> Integer,
+        unit -> Integer,
+        part -> Integer,
+    }
+}
+
 /// What the tests need of a backend: the harness's, plus streaming.
 trait Streams: TestBackend + StreamingMode {
+    /// Every `items.id` in id order, row by row: a DSL query, cached.
+    fn item_ids(conn: &mut Self) -> QueryResult<Rows<'_, i32>>;
     /// `sql_query(sql).load_iter::<N, Self::Mode>(conn)`, boxed.
     fn load_n<'c>(conn: &'c mut Self, sql: &str) -> QueryResult<Rows<'c, N>>;
     /// The same, of [`Padded`] rows.
@@ -90,6 +106,15 @@ macro_rules! streams {
     ($($feature:literal => $conn:ty),+) => {$(
         #[cfg(feature = $feature)]
         impl Streams for $conn {
+            fn item_ids(conn: &mut Self) -> QueryResult<Rows<'_, i32>> {
+                use diesel::QueryDsl;
+                let rows = items::table
+                    .select(items::id)
+                    .order_by(items::id)
+                    .load_iter::<i32, <Self as StreamingMode>::Mode>(conn)?;
+                Ok(Box::new(rows))
+            }
+
             fn load_n<'c>(conn: &'c mut Self, sql: &str) -> QueryResult<Rows<'c, N>> {
                 let rows = diesel::sql_query(sql.to_owned())
                     .load_iter::<N, <Self as StreamingMode>::Mode>(conn)?;
@@ -737,6 +762,121 @@ async fn rows_that_come_slowly_arrive_at_once<C: Streams>(db: TestDb<C>) {
     );
 }
 
+/// Awaits `f` for at most `limit`. Past it a blocking task is stuck for
+/// good, and a runtime with a stuck blocking task never shuts down, so a
+/// panic would hang the test instead of failing it: abort the process.
+async fn or_abort<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, f).await {
+        Ok(value) => value,
+        Err(_) => {
+            eprintln!("FAILED: {what} did not finish within {limit:?}; aborting the test process");
+            std::process::abort();
+        }
+    }
+}
+
+async fn a_query_cut_mid_result_is_not_reused<C: Streams>(db: TestDb<C>)
+where
+    SqlQuery: LoadQuery<'static, C, N, <C as StreamingMode>::Mode>,
+{
+    const ROWS: u64 = 50_000;
+    // One connection: the query after each cut runs where the cut one
+    // ran, unless that connection was closed.
+    let engine = db.migrated_engine(1, Duration::from_secs(30)).await;
+    let fill = format!(
+        "INSERT INTO items (unit, part) SELECT n, 0 FROM ({}) s",
+        series_sql::<C>(ROWS)
+    );
+    db.blocking(move |c| c.batch_execute(&fill))
+        .await
+        .expect("fill items");
+    let mut seed = 0x5EED_0FC0_FFEE_u64 ^ u64::from(std::process::id());
+    let (mut dropped, mut timed_out) = (0u32, 0u32);
+    let mut session = engine.session();
+    for round in 0..40 {
+        let wait = Duration::from_millis(next_random(&mut seed) % 40);
+        if round % 2 == 0 {
+            // A stream dropped unread, its producer inside the query.
+            let rows = session
+                .stream(|conn, sink| {
+                    for id in C::item_ids(conn)? {
+                        sink.send(id?)?;
+                    }
+                    Ok::<_, Error>(())
+                })
+                .await
+                .expect("a stream");
+            tokio::time::sleep(wait).await;
+            drop(rows);
+            dropped += 1;
+        } else {
+            // A deadline that may fall while the rows are on their way.
+            let deadline = wait.max(Duration::from_millis(1));
+            let cut = session
+                .with_timeout(deadline)
+                .run_sync(|conn| C::item_ids(conn)?.count_rows())
+                .await;
+            if matches!(cut, Err(Error::Timeout(_))) {
+                timed_out += 1;
+            }
+        }
+        or_abort(
+            Duration::from_secs(30),
+            "rollback after a cut",
+            session.rollback(),
+        )
+        .await
+        .expect("rollback");
+        // The same cached query, whole.
+        let mut rows = session
+            .stream(|conn, sink| {
+                for id in C::item_ids(conn)? {
+                    sink.send(id?)?;
+                }
+                Ok::<_, Error>(())
+            })
+            .await
+            .expect("a stream");
+        let read = or_abort(
+            Duration::from_secs(60),
+            "the same query after a cut",
+            async {
+                let mut read = 0u64;
+                while let Some(id) = rows.next().await {
+                    id.expect("a good row");
+                    read += 1;
+                }
+                read
+            },
+        )
+        .await;
+        drop(rows);
+        assert_eq!(read, ROWS, "{}: round {round}", C::NAME);
+        session.commit().await.expect("commit");
+    }
+    figure(format!(
+        "cut_mid_result {}: rounds=40 dropped_streams={dropped} deadlines_hit={timed_out} \
+         every later run of the same query returned all {ROWS} rows",
+        C::NAME
+    ));
+}
+
+/// Counting rows of a boxed iterator, failing at the first bad one.
+trait CountRows {
+    fn count_rows(self) -> Result<u64, Error>;
+}
+
+impl<I: Iterator<Item = QueryResult<i32>>> CountRows for I {
+    fn count_rows(self) -> Result<u64, Error> {
+        let mut n = 0;
+        for row in self {
+            row?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
 mod current {
     use super::*;
     use crate::common::per_backend;
@@ -749,6 +889,7 @@ mod current {
     per_backend!(an_owned_stream_is_static);
     per_backend!(a_consumer_that_never_yields_gets_every_row);
     per_backend!(rows_that_come_slowly_arrive_at_once);
+    per_backend!(a_query_cut_mid_result_is_not_reused);
 }
 
 mod multi {
@@ -766,4 +907,5 @@ mod multi {
     per_backend!(an_owned_stream_is_static, multi_thread);
     per_backend!(a_consumer_that_never_yields_gets_every_row, multi_thread);
     per_backend!(rows_that_come_slowly_arrive_at_once, multi_thread);
+    per_backend!(a_query_cut_mid_result_is_not_reused, multi_thread);
 }
