@@ -19,7 +19,7 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{TestBackend, TestDb, insert_part, next_unit, settle, unit};
+use common::{TestBackend, TestDb, insert_part, long_statement, next_unit, settle, unit};
 use diesel::RunQueryDsl;
 use diesel::query_builder::{QueryFragment, SqlQuery};
 use diesel_runsync::{AsyncSession, Engine, EngineOptions, Error};
@@ -29,20 +29,6 @@ use diesel_runsync::{AsyncSession, Engine, EngineOptions, Error};
 /// machine. The goals themselves (p99 <= 250 ms, 1.5 x the deadline) are
 /// figures printed by `figures::*` and kept in RELIABILITY.md.
 const STOPPED_EARLY: Duration = Duration::from_millis(1500);
-
-/// A statement that keeps the server busy for about `seconds` (SQLite: at
-/// least that long on any machine here: it counts a recursive CTE).
-fn long_statement<C: TestBackend>(seconds: f64) -> String {
-    match C::NAME {
-        "postgres" => format!("SELECT pg_sleep({seconds})"),
-        "mysql" => format!("SELECT SLEEP({seconds})"),
-        _ => format!(
-            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT {}) \
-             SELECT count(*) FROM c",
-            (seconds * 20_000_000.0) as u64
-        ),
-    }
-}
 
 /// Runs [`long_statement`] through `session`.
 async fn run_long<C: TestBackend>(

@@ -15,26 +15,11 @@ mod common;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
-use common::{TestBackend, TestDb, insert_part, next_unit, settle};
+use common::{TestBackend, TestDb, insert_part, long_statement, next_unit, settle};
 use diesel::RunQueryDsl;
 use diesel::connection::{Connection, TransactionManager};
 use diesel::query_builder::{QueryFragment, SqlQuery};
 use diesel_runsync::Error;
-
-/// A statement that keeps the server busy for about `seconds`.
-fn long_statement<C: TestBackend>(seconds: f64) -> String {
-    match C::NAME {
-        "postgres" => format!("SELECT pg_sleep({seconds})"),
-        "mysql" => format!("SELECT SLEEP({seconds})"),
-        // Counting a recursive CTE: tens of millions of rows a second at
-        // most, so this runs for well over `seconds` on any machine here.
-        _ => format!(
-            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT {}) \
-             SELECT count(*) FROM c",
-            (seconds * 20_000_000.0) as u64
-        ),
-    }
-}
 
 async fn a_rollback_cut_off_by_a_timeout_waits_next_time<C: TestBackend>(db: TestDb<C>)
 where

@@ -148,7 +148,9 @@ pub fn runtime(flavor: Flavor) -> tokio::runtime::Runtime {
 
 /// Runs the async test `test` on a fresh database of `backend`: the
 /// database is created before the runtime starts and dropped after it has
-/// shut down (also when the test panics).
+/// shut down (also when the test panics). A blocking task still running
+/// [`SHUTDOWN_LIMIT`] after the test ended fails the test: a plain drop of
+/// the runtime would wait for it forever, hanging the run instead.
 pub fn run_async<F, Fut>(flavor: Flavor, backend: Backend, name: &str, test: F)
 where
     F: FnOnce(TestDb) -> Fut,
@@ -156,10 +158,27 @@ where
 {
     let db = TestDb::new(backend, name);
     let runtime = runtime(flavor);
-    runtime.block_on(test(db.clone()));
-    drop(runtime);
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(test(db.clone()))
+    }));
+    let started = std::time::Instant::now();
+    runtime.shutdown_timeout(SHUTDOWN_LIMIT);
+    let stuck = started.elapsed() >= SHUTDOWN_LIMIT;
+    if let Err(panic) = outcome {
+        if stuck {
+            eprintln!("and a blocking task was still running {SHUTDOWN_LIMIT:?} after the test");
+        }
+        std::panic::resume_unwind(panic);
+    }
     drop(db);
+    assert!(
+        !stuck,
+        "a blocking task was still running {SHUTDOWN_LIMIT:?} after the test ended"
+    );
 }
+
+/// How long [`run_async`] waits for the runtime's blocking tasks.
+pub const SHUTDOWN_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Runs blocking `f` on tokio's blocking pool; a panic in `f` is resumed
 /// in the caller, so an assertion inside fails the test as usual.

@@ -517,6 +517,21 @@ impl std::fmt::Display for TestError {
     }
 }
 
+/// A statement that keeps the server busy for about `seconds` (SQLite: at
+/// least that long on any machine here: counting a recursive CTE, tens of
+/// millions of rows a second at most).
+pub fn long_statement<C: TestBackend>(seconds: f64) -> String {
+    match C::NAME {
+        "postgres" => format!("SELECT pg_sleep({seconds})"),
+        "mysql" => format!("SELECT SLEEP({seconds})"),
+        _ => format!(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT {}) \
+             SELECT count(*) FROM c",
+            (seconds * 20_000_000.0) as u64
+        ),
+    }
+}
+
 static UNITS: AtomicI32 = AtomicI32::new(1);
 
 /// A unit number not used before in this process.
