@@ -50,11 +50,15 @@
 //! flight to be delivered before it sends its `ROLLBACK`. A statement that
 //! ignores the first request (SQLite between two statements, a closure that
 //! catches the error and goes on) gets another, at growing intervals, for as
-//! long as the closure runs. The side-connection work runs on tokio's
-//! blocking pool, never on an async worker.
+//! long as the closure runs. A closure still running [`TERMINATE_AFTER`]
+//! after the first request has its connection terminated on the server
+//! where the canceller can ([`Canceller::or_terminate`]: PostgreSQL
+//! `pg_terminate_backend`, MySQL `KILL CONNECTION`): its next read fails,
+//! and the pool replaces the connection. The side-connection work runs on
+//! tokio's blocking pool, never on an async worker.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The error a [`Canceller`] reports when it could not deliver a cancel.
 pub type CancelError = Box<dyn std::error::Error + Send + Sync>;
@@ -81,12 +85,14 @@ pub struct Canceller {
 
 struct CancellerInner {
     cancel: Box<CancelFn>,
+    terminate: Option<Box<CancelFn>>,
     detach: Option<Box<DetachFn>>,
 }
 
 impl std::fmt::Debug for Canceller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Canceller")
+            .field("terminate", &self.inner.terminate.is_some())
             .field("detach", &self.inner.detach.is_some())
             .finish_non_exhaustive()
     }
@@ -100,6 +106,7 @@ impl Canceller {
         Canceller {
             inner: Arc::new(CancellerInner {
                 cancel: Box::new(cancel),
+                terminate: None,
                 detach: None,
             }),
         }
@@ -109,21 +116,62 @@ impl Canceller {
     /// after it, `cancel` must not touch the connection any more (SQLite
     /// clears the handle `sqlite3_interrupt` would use).
     pub fn on_close(self, detach: impl Fn() + Send + Sync + 'static) -> Self {
-        let cancel = match Arc::try_unwrap(self.inner) {
-            Ok(inner) => inner.cancel,
-            Err(shared) => Box::new(move || (shared.cancel)()),
+        self.rebuilt(|inner| inner.detach = Some(Box::new(detach)))
+    }
+
+    /// Adds `terminate`, which ends the connection's session on the server
+    /// (PostgreSQL `pg_terminate_backend`, MySQL `KILL CONNECTION`): sent
+    /// instead of `cancel` once the user's closure has kept running for
+    /// [`TERMINATE_AFTER`] after the first cancel. Called on tokio's
+    /// blocking pool, at most once per operation.
+    pub fn or_terminate(
+        self,
+        terminate: impl Fn() -> Result<(), CancelError> + Send + Sync + 'static,
+    ) -> Self {
+        self.rebuilt(|inner| inner.terminate = Some(Box::new(terminate)))
+    }
+
+    /// This canceller with `change` applied (to a copy of its parts if it
+    /// is shared: the clones keep what they had).
+    fn rebuilt(self, change: impl FnOnce(&mut CancellerInner)) -> Self {
+        let mut inner = match Arc::try_unwrap(self.inner) {
+            Ok(inner) => inner,
+            Err(shared) => {
+                let (cancel, terminate, detach) = (shared.clone(), shared.clone(), shared);
+                CancellerInner {
+                    cancel: Box::new(move || (cancel.cancel)()),
+                    terminate: terminate.terminate.is_some().then(|| {
+                        Box::new(move || terminate.terminate.as_ref().map_or(Ok(()), |t| t()))
+                            as Box<CancelFn>
+                    }),
+                    detach: detach.detach.is_some().then(|| {
+                        Box::new(move || {
+                            if let Some(d) = &detach.detach {
+                                d();
+                            }
+                        }) as Box<DetachFn>
+                    }),
+                }
+            }
         };
+        change(&mut inner);
         Canceller {
-            inner: Arc::new(CancellerInner {
-                cancel,
-                detach: Some(Box::new(detach)),
-            }),
+            inner: Arc::new(inner),
         }
     }
 
     /// Cancels the statement running now, if any. Blocking.
     pub fn cancel(&self) -> Result<(), CancelError> {
         (self.inner.cancel)()
+    }
+
+    /// Terminates the connection's session on the server, or cancels its
+    /// statement if no `terminate` was given. Blocking.
+    pub fn terminate(&self) -> Result<(), CancelError> {
+        match &self.inner.terminate {
+            Some(terminate) => terminate(),
+            None => self.cancel(),
+        }
     }
 
     /// Tells the canceller its connection is about to be closed.
@@ -137,6 +185,11 @@ impl Canceller {
 /// How long the blocking task, once the user's closure has returned, waits
 /// for a cancel request already on its way before it goes on to roll back.
 pub(crate) const CANCEL_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a closure may keep running after the first cancel request
+/// before its connection is terminated (where [`Canceller::or_terminate`]
+/// was given).
+pub const TERMINATE_AFTER: Duration = Duration::from_secs(5);
 
 /// Why an operation was cancelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +216,10 @@ struct Shared {
     reason: Option<Reason>,
     /// A cancel request is being delivered right now.
     delivering: bool,
+    /// When the first cancel request was delivered.
+    first_delivered: Option<Instant>,
+    /// The connection was terminated: nothing more to send.
+    terminated: bool,
 }
 
 /// What the blocking task and the async side of one operation share about
@@ -180,6 +237,8 @@ impl OpWatch {
                 phase: Phase::Before,
                 reason: None,
                 delivering: false,
+                first_delivered: None,
+                terminated: false,
             }),
             delivered: Condvar::new(),
             canceller,
@@ -278,20 +337,32 @@ impl OpWatch {
         let Some(canceller) = &self.canceller else {
             return false;
         };
-        {
+        let terminate = {
             let mut shared = self.lock();
-            if shared.phase != Phase::User {
+            if shared.phase != Phase::User || shared.terminated {
                 return false;
             }
             shared.delivering = true;
-        }
-        if let Err(e) = canceller.cancel() {
+            let first = *shared.first_delivered.get_or_insert_with(Instant::now);
+            canceller.inner.terminate.is_some() && first.elapsed() >= TERMINATE_AFTER
+        };
+        let sent = if terminate {
+            tracing::warn!(
+                "a cancelled closure still runs {TERMINATE_AFTER:?} after the first cancel: \
+                 terminating its connection"
+            );
+            canceller.terminate()
+        } else {
+            canceller.cancel()
+        };
+        if let Err(e) = sent {
             tracing::warn!("could not cancel a running statement: {e}");
         }
         let mut shared = self.lock();
         shared.delivering = false;
+        shared.terminated |= terminate;
         self.delivered.notify_all();
-        shared.phase == Phase::User
+        shared.phase == Phase::User && !shared.terminated
     }
 }
 
@@ -309,12 +380,18 @@ pub(crate) fn postgres(
     .map_err(|e| tracing::warn!("no server-side cancel for this connection: {e}"))
     .ok()?;
     let url = url.clone();
-    Some(Canceller::new(move || {
+    let side = move |function: &str| -> Result<(), CancelError> {
         let mut side =
             diesel::PgConnection::establish(url.expose()).map_err(|e| url.scrub(&e.to_string()))?;
-        diesel::sql_query(format!("SELECT pg_cancel_backend({pid})")).execute(&mut side)?;
+        diesel::sql_query(format!("SELECT {function}({pid})")).execute(&mut side)?;
         Ok(())
-    }))
+    };
+    let side = Arc::new(side);
+    let terminate = side.clone();
+    Some(
+        Canceller::new(move || side("pg_cancel_backend"))
+            .or_terminate(move || terminate("pg_terminate_backend")),
+    )
 }
 
 /// The MySQL/MariaDB canceller: `KILL QUERY` from a side connection.
@@ -332,12 +409,15 @@ pub(crate) fn mysql(
     .map_err(|e| tracing::warn!("no server-side cancel for this connection: {e}"))
     .ok()?;
     let url = url.clone();
-    Some(Canceller::new(move || {
+    let side = move |kill: &str| -> Result<(), CancelError> {
         let mut side = diesel::MysqlConnection::establish(url.expose())
             .map_err(|e| url.scrub(&e.to_string()))?;
-        side.batch_execute(&format!("KILL QUERY {id}"))?;
+        side.batch_execute(&format!("KILL {kill} {id}"))?;
         Ok(())
-    }))
+    };
+    let side = Arc::new(side);
+    let terminate = side.clone();
+    Some(Canceller::new(move || side("QUERY")).or_terminate(move || terminate("CONNECTION")))
 }
 
 /// SQLite: `sqlite3_interrupt` on the handle an auto extension recorded.

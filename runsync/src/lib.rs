@@ -84,7 +84,7 @@ mod retry;
 mod session;
 mod url;
 
-pub use cancel::{CancelError, Canceller};
+pub use cancel::{CancelError, Canceller, TERMINATE_AFTER};
 pub use echo::SQL_TARGET;
 pub use engine::{Engine, EngineOptions, PoolStatus};
 pub use error::{Error, Retryable};

@@ -329,6 +329,114 @@ where
     settle(&engine).await;
 }
 
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+/// Whether a statement failed because its connection is gone.
+fn connection_gone(error: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error as D};
+    match error {
+        D::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => true,
+        D::DatabaseError(_, info) => ["Lost connection", "gone away", "Connection was killed"]
+            .iter()
+            .any(|m| info.message().contains(m)),
+        _ => false,
+    }
+}
+
+/// A closure that catches every cancel and goes on, statement after
+/// statement, gets cancels for `TERMINATE_AFTER`; then its connection is
+/// terminated on the server (`pg_terminate_backend`, `KILL CONNECTION`), its
+/// next statement fails for want of a connection, and the pool replaces it.
+/// (SQLite has no session to terminate: repeated interrupts are all it gets.)
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+async fn a_closure_that_ignores_cancels_loses_its_connection<C: TestBackend>(db: TestDb<C>)
+where
+    SqlQuery: QueryFragment<C::Backend>,
+{
+    use diesel_runsync::TERMINATE_AFTER;
+    let engine = db.migrated_engine(1, Duration::from_secs(60)).await;
+    let mut session = engine.session();
+    let ended = Arc::new(Mutex::new(None));
+    let record = ended.clone();
+    let sql = long_statement::<C>(2.0);
+    let cut = tokio::time::timeout(
+        Duration::from_millis(100),
+        session.run_sync(move |c| {
+            let began = Instant::now();
+            let mut ignored = 0u32;
+            loop {
+                match diesel::sql_query(sql.clone()).execute(c) {
+                    Err(e) if connection_gone(&e) || began.elapsed() > Duration::from_secs(30) => {
+                        *record.lock().unwrap() = Some((began.elapsed(), ignored, e.to_string()));
+                        return Err::<(), _>(e);
+                    }
+                    // Cancelled, or failing at once in a transaction a
+                    // cancel aborted (PostgreSQL): ignored.
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    // A killed SLEEP() may return 1 instead of failing.
+                    Ok(_) => {}
+                }
+                ignored += 1;
+            }
+        }),
+    )
+    .await;
+    assert!(cut.is_err(), "{}: the closure ended by itself", C::NAME);
+    let dropped = Instant::now();
+    settle(&engine).await;
+    let (ran, ignored, last) = loop {
+        if let Some(seen) = ended.lock().unwrap().clone() {
+            break seen;
+        }
+        assert!(
+            dropped.elapsed() < TERMINATE_AFTER + Duration::from_secs(30),
+            "{}: the closure still runs",
+            C::NAME
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "{}: the closure ignored {ignored} cancels and ended after {ran:?}: {last}",
+        C::NAME
+    );
+    assert!(
+        connection_gone_text(&last),
+        "{}: ended by {last}, not by its connection's end",
+        C::NAME
+    );
+    assert!(
+        ran >= TERMINATE_AFTER && ran < TERMINATE_AFTER + Duration::from_secs(10),
+        "{}: terminated after {ran:?}",
+        C::NAME
+    );
+    assert_eq!(long_statements_running(&db).await, 0, "{}", C::NAME);
+    assert_eq!(db.open_transactions().await, 0, "{}", C::NAME);
+    // The session wants its rollback, then works on a new connection.
+    session.rollback().await.expect("rollback");
+    let unit_no = next_unit();
+    session
+        .run_sync(move |c| insert_part(c, unit_no, 0))
+        .await
+        .unwrap();
+    session.commit().await.unwrap();
+    assert_eq!(db.rows().await, 1, "{}", C::NAME);
+    settle(&engine).await;
+}
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+/// [`connection_gone`] of an error's text.
+fn connection_gone_text(message: &str) -> bool {
+    [
+        "Lost connection",
+        "gone away",
+        "Connection was killed",
+        "terminating connection",
+        "server closed the connection",
+        "no connection to the server",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
+}
+
 mod current {
     use super::*;
     use crate::common::per_backend;
@@ -337,6 +445,7 @@ mod current {
     per_backend!(a_dropped_statement_returns_its_connection);
     per_backend!(the_engine_deadline_times_out);
     per_backend!(a_per_call_deadline_overrides_the_engine);
+    per_backend!(a_closure_that_ignores_cancels_loses_its_connection, servers);
 }
 
 mod multi {

@@ -630,46 +630,58 @@ pub fn next_random(seed: &mut u64) -> u64 {
 /// `async fn name<C: TestBackend>(db: TestDb<C>)`: the tests `name::sqlite`,
 /// `name::postgres` and `name::mysql`. One whose backend is not built in, or
 /// whose server URL was unset at build time, is ignored, never passed.
+/// `per_backend!(name, servers)`: `name::postgres` and `name::mysql` only,
+/// for what only a server has.
 macro_rules! per_backend {
     ($test:ident) => {
-        $crate::common::per_backend!(@emit $test, []);
+        $crate::common::per_backend!(@emit $test, [], [sqlite postgres mysql]);
     };
     ($test:ident, multi_thread) => {
-        $crate::common::per_backend!(@emit $test, [flavor = "multi_thread", worker_threads = 2]);
+        $crate::common::per_backend!(
+            @emit $test, [flavor = "multi_thread", worker_threads = 2], [sqlite postgres mysql]
+        );
     };
-    (@emit $test:ident, [$($runtime:tt)*]) => {
+    ($test:ident, servers) => {
+        $crate::common::per_backend!(@emit $test, [], [postgres mysql]);
+    };
+    (@emit $test:ident, $runtime:tt, [$($backend:ident)*]) => {
         mod $test {
-            #[tokio::test($($runtime)*)]
-            #[cfg_attr(not(feature = "sqlite"), ignore = "built without the sqlite feature")]
-            async fn sqlite() {
-                #[cfg(feature = "sqlite")]
-                $crate::common::run(stringify!($test), super::$test::<diesel::SqliteConnection>)
-                    .await;
-            }
-
-            #[tokio::test($($runtime)*)]
-            #[cfg_attr(not(feature = "postgres"), ignore = "built without the postgres feature")]
-            #[cfg_attr(
-                all(feature = "postgres", runsync_skip_postgres),
-                ignore = "PG_DATABASE_URL is not set"
-            )]
-            async fn postgres() {
-                #[cfg(feature = "postgres")]
-                $crate::common::run(stringify!($test), super::$test::<diesel::PgConnection>)
-                    .await;
-            }
-
-            #[tokio::test($($runtime)*)]
-            #[cfg_attr(not(feature = "mysql"), ignore = "built without the mysql feature")]
-            #[cfg_attr(
-                all(feature = "mysql", runsync_skip_mysql),
-                ignore = "MYSQL_DATABASE_URL is not set"
-            )]
-            async fn mysql() {
-                #[cfg(feature = "mysql")]
-                $crate::common::run(stringify!($test), super::$test::<diesel::MysqlConnection>)
-                    .await;
-            }
+            $($crate::common::per_backend!(@$backend $test, $runtime);)*
+        }
+    };
+    (@sqlite $test:ident, [$($runtime:tt)*]) => {
+        #[tokio::test($($runtime)*)]
+        #[cfg_attr(not(feature = "sqlite"), ignore = "built without the sqlite feature")]
+        async fn sqlite() {
+            #[cfg(feature = "sqlite")]
+            $crate::common::run(stringify!($test), super::$test::<diesel::SqliteConnection>)
+                .await;
+        }
+    };
+    (@postgres $test:ident, [$($runtime:tt)*]) => {
+        #[tokio::test($($runtime)*)]
+        #[cfg_attr(not(feature = "postgres"), ignore = "built without the postgres feature")]
+        #[cfg_attr(
+            all(feature = "postgres", runsync_skip_postgres),
+            ignore = "PG_DATABASE_URL is not set"
+        )]
+        async fn postgres() {
+            #[cfg(feature = "postgres")]
+            $crate::common::run(stringify!($test), super::$test::<diesel::PgConnection>)
+                .await;
+        }
+    };
+    (@mysql $test:ident, [$($runtime:tt)*]) => {
+        #[tokio::test($($runtime)*)]
+        #[cfg_attr(not(feature = "mysql"), ignore = "built without the mysql feature")]
+        #[cfg_attr(
+            all(feature = "mysql", runsync_skip_mysql),
+            ignore = "MYSQL_DATABASE_URL is not set"
+        )]
+        async fn mysql() {
+            #[cfg(feature = "mysql")]
+            $crate::common::run(stringify!($test), super::$test::<diesel::MysqlConnection>)
+                .await;
         }
     };
 }
