@@ -797,15 +797,7 @@ where
         let wait = Duration::from_millis(next_random(&mut seed) % 40);
         if round % 2 == 0 {
             // A stream dropped unread, its producer inside the query.
-            let rows = session
-                .stream(|conn, sink| {
-                    for id in C::item_ids(conn)? {
-                        sink.send(id?)?;
-                    }
-                    Ok::<_, Error>(())
-                })
-                .await
-                .expect("a stream");
+            let rows = session.stream(send_item_ids::<C>).await.expect("a stream");
             tokio::time::sleep(wait).await;
             drop(rows);
             dropped += 1;
@@ -828,15 +820,7 @@ where
         .await
         .expect("rollback");
         // The same cached query, whole.
-        let mut rows = session
-            .stream(|conn, sink| {
-                for id in C::item_ids(conn)? {
-                    sink.send(id?)?;
-                }
-                Ok::<_, Error>(())
-            })
-            .await
-            .expect("a stream");
+        let mut rows = session.stream(send_item_ids::<C>).await.expect("a stream");
         let read = or_abort(
             Duration::from_secs(60),
             "the same query after a cut",
@@ -859,6 +843,14 @@ where
          every later run of the same query returned all {ROWS} rows",
         C::NAME
     ));
+}
+
+/// Sends every `items.id` to `sink` ([`Streams::item_ids`]).
+fn send_item_ids<C: Streams>(conn: &mut C, sink: &mut RowSink<i32>) -> Result<(), Error> {
+    for id in C::item_ids(conn)? {
+        sink.send(id?)?;
+    }
+    Ok(())
 }
 
 /// Counting rows of a boxed iterator, failing at the first bad one.
