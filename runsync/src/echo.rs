@@ -40,7 +40,7 @@ pub(crate) type Interrupted = Arc<AtomicBool>;
 /// expecting the rest of it, and the next execution of the same statement
 /// waits forever for rows the server never sends. Such a connection is
 /// closed instead of going back to the pool.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct SqlEcho {
     echo: bool,
     started: Option<Instant>,
@@ -48,6 +48,19 @@ pub(crate) struct SqlEcho {
     depth: u32,
     lost: Lost,
     interrupted: Interrupted,
+    /// The user's instrumentation: every event, after this one's.
+    then: Option<Box<dyn Instrumentation>>,
+}
+
+impl std::fmt::Debug for SqlEcho {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlEcho")
+            .field("echo", &self.echo)
+            .field("backend", &self.backend)
+            .field("depth", &self.depth)
+            .field("then", &self.then.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SqlEcho {
@@ -62,7 +75,14 @@ impl SqlEcho {
             depth: 0,
             lost,
             interrupted,
+            then: None,
         }
+    }
+
+    /// Hands every event on to `then` as well, after this one.
+    pub(crate) fn then(mut self, then: Option<Box<dyn Instrumentation>>) -> Self {
+        self.then = then;
+        self
     }
 
     /// Keeps [`Lost`] and [`Interrupted`] up to date (before any echo,
@@ -131,9 +151,18 @@ macro_rules! report {
 impl Instrumentation for SqlEcho {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
         self.track(&event);
-        if !self.enabled() {
-            return;
+        if self.enabled() {
+            self.report(&event);
         }
+        if let Some(then) = &mut self.then {
+            then.on_connection_event(event);
+        }
+    }
+}
+
+impl SqlEcho {
+    /// The echo: statements with their durations, connections.
+    fn report(&mut self, event: &InstrumentationEvent<'_>) {
         match event {
             InstrumentationEvent::StartQuery { .. } => self.started = Some(Instant::now()),
             InstrumentationEvent::FinishQuery { query, error, .. } => {

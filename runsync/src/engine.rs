@@ -5,6 +5,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Duration;
 
+use diesel::connection::Instrumentation;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::error::Error;
@@ -49,6 +50,9 @@ impl<C: PoolableConnection> DerefMut for Pooled<C> {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct EngineOptions {
+    /// Your Diesel instrumentation for each new connection
+    /// ([`EngineOptions::instrumentation`]).
+    user_instrumentation: Option<InstrumentationFactory>,
     /// Most connections open at once (SQLite `:memory:` is always 1).
     pub max_size: u32,
     /// How long a checkout waits for a free connection before
@@ -76,6 +80,7 @@ pub struct EngineOptions {
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
+            user_instrumentation: None,
             max_size: 8,
             connection_timeout: Duration::from_secs(30),
             echo: false,
@@ -138,6 +143,62 @@ impl EngineOptions {
     pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.statement_timeout = timeout;
         self
+    }
+
+    /// Installs a Diesel [`Instrumentation`] of yours (metrics, spans) on
+    /// every connection the engine opens: `make` is called once per new
+    /// connection. Diesel keeps one instrumentation per connection, and the
+    /// engine needs its own (the SQL echo, and the checks that refuse a
+    /// `COMMIT` after a lost transaction and retire an interrupted MySQL
+    /// connection), so it hands every event on to yours after it. Calling
+    /// `set_instrumentation` inside a closure instead would replace the
+    /// engine's and turn those checks off.
+    ///
+    /// ```
+    /// use diesel::connection::{Instrumentation, InstrumentationEvent};
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    ///
+    /// struct Count(Arc<AtomicU64>);
+    /// impl Instrumentation for Count {
+    ///     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+    ///         if let InstrumentationEvent::StartQuery { .. } = event {
+    ///             self.0.fetch_add(1, Ordering::Relaxed);
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// let statements = Arc::new(AtomicU64::new(0));
+    /// let counter = statements.clone();
+    /// let options = diesel_runsync::EngineOptions::default()
+    ///     .instrumentation(move || Count(counter.clone()));
+    /// ```
+    #[must_use]
+    pub fn instrumentation<I: Instrumentation>(
+        mut self,
+        make: impl Fn() -> I + Send + Sync + 'static,
+    ) -> Self {
+        self.user_instrumentation = Some(InstrumentationFactory(Arc::new(move || {
+            Box::new(make()) as Box<dyn Instrumentation>
+        })));
+        self
+    }
+}
+
+/// Makes the user's instrumentation for a new connection.
+#[derive(Clone)]
+pub(crate) struct InstrumentationFactory(Arc<dyn Fn() -> Box<dyn Instrumentation> + Send + Sync>);
+
+impl InstrumentationFactory {
+    /// One instrumentation, for one new connection.
+    pub(crate) fn make(&self) -> Box<dyn Instrumentation> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for InstrumentationFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InstrumentationFactory")
     }
 }
 
@@ -206,6 +267,7 @@ impl<C: PoolableConnection> Engine<C> {
             hosts: url.hosts(),
             next_host: Default::default(),
             echo: options.echo,
+            user_instrumentation: options.user_instrumentation.clone(),
             ping_after: options.ping_after,
             statement_timeout: options.statement_timeout,
             _conn: PhantomData,

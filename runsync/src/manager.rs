@@ -355,6 +355,8 @@ pub(crate) struct Manager<C> {
     /// The node the next connection tries first.
     pub(crate) next_host: AtomicUsize,
     pub(crate) echo: bool,
+    /// The user's instrumentation, handed every event after the engine's.
+    pub(crate) user_instrumentation: Option<crate::engine::InstrumentationFactory>,
     /// Connections used more recently than this are not pinged on checkout.
     pub(crate) ping_after: Duration,
     /// The engine's default statement timeout, set on every new connection.
@@ -390,6 +392,7 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
         let first = self.next_host.fetch_add(1, Ordering::Relaxed);
         let hosts = self.hosts.clone();
         let echo = self.echo;
+        let user_instrumentation = self.user_instrumentation.clone();
         let timeout = self.statement_timeout;
         let opened = tokio::task::spawn_blocking(move || {
             let mut failed = None;
@@ -434,12 +437,15 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
                     .map_err(ConnectionError::CouldntSetupConfiguration)?;
                 slot.server_timeout = Some(timeout);
             }
-            conn.set_instrumentation(SqlEcho::new(
-                echo,
-                url.backend(),
-                slot.lost.clone(),
-                slot.interrupted.clone(),
-            ));
+            conn.set_instrumentation(
+                SqlEcho::new(
+                    echo,
+                    url.backend(),
+                    slot.lost.clone(),
+                    slot.interrupted.clone(),
+                )
+                .then(user_instrumentation.as_ref().map(|make| make.make())),
+            );
             slot.conn = Some(conn);
             Ok::<_, ConnectionError>(slot)
         })

@@ -2,7 +2,9 @@
 //! returns Diesel's `QueryResult` directly and `?` turns it into this
 //! crate's `Error` with no wrapping; facade errors travel through such a
 //! closure and come back as themselves; `transaction_with_retry` takes a
-//! `QueryResult` closure; an `Error::Database` prints Diesel's message once.
+//! `QueryResult` closure; an `Error::Database` prints Diesel's message once;
+//! a user's Diesel instrumentation sees every statement while the engine's
+//! own checks stay on.
 
 mod common;
 
@@ -272,4 +274,85 @@ async fn a_database_error_prints_the_diesel_message_once<C: TestBackend>(db: Tes
     );
     session.rollback().await.unwrap();
     assert_eq!(db.rows().await, 0, "{}", db.backend());
+}
+
+/// Events a user's instrumentation saw, by kind.
+#[derive(Default)]
+struct Seen {
+    begins: u32,
+    commits: u32,
+    statements: Vec<String>,
+}
+
+struct Recorder(std::sync::Arc<std::sync::Mutex<Seen>>);
+
+impl diesel::connection::Instrumentation for Recorder {
+    fn on_connection_event(&mut self, event: diesel::connection::InstrumentationEvent<'_>) {
+        use diesel::connection::InstrumentationEvent as E;
+        let mut seen = self.0.lock().unwrap();
+        match event {
+            E::BeginTransaction { .. } => seen.begins += 1,
+            E::CommitTransaction { .. } => seen.commits += 1,
+            E::StartQuery { query, .. } => seen.statements.push(query.to_string()),
+            _ => {}
+        }
+    }
+}
+
+per_backend!(a_user_instrumentation_sees_every_statement_and_the_checks_stay_on);
+async fn a_user_instrumentation_sees_every_statement_and_the_checks_stay_on<C: TestBackend>(
+    db: TestDb<C>,
+) where
+    SqlQuery: QueryFragment<C::Backend>,
+{
+    db.create_schema().await;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+    let shared = seen.clone();
+    let engine = db
+        .engine_with(
+            diesel_runsync::EngineOptions::default()
+                .instrumentation(move || Recorder(shared.clone())),
+        )
+        .await;
+    let unit = next_unit();
+    engine
+        .transaction(move |c| insert_part(c, unit, 0))
+        .await
+        .unwrap();
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!((seen.begins, seen.commits), (1, 1), "{}", C::NAME);
+        assert!(
+            seen.statements
+                .iter()
+                .any(|s| s.contains(&format!("VALUES ({unit}, 0)"))),
+            "{}: {:?}",
+            C::NAME,
+            seen.statements
+        );
+    }
+    // The engine's check is still on: a closure that swallows a failed
+    // statement on PostgreSQL (which aborts the transaction) cannot have
+    // its COMMIT reported as a success.
+    let unit = next_unit();
+    let swallowed = engine
+        .transaction(move |c| {
+            insert_part(c, unit, 0)?;
+            let _ = diesel::sql_query("SELECT * FROM no_such_table").execute(c);
+            QueryResult::Ok(())
+        })
+        .await;
+    let committed = db.units().await;
+    match C::NAME {
+        "postgres" => {
+            let e = swallowed.expect_err("postgres: a COMMIT after an aborted statement");
+            assert!(diesel_runsync::Retryable::is_retryable(&e), "postgres: {e}");
+            assert_eq!(committed, 1, "postgres: the second unit committed");
+        }
+        // MySQL and SQLite undo only the failed statement: the rest commits.
+        _ => {
+            swallowed.unwrap_or_else(|e| panic!("{}: {e}", C::NAME));
+            assert_eq!(committed, 2, "{}", C::NAME);
+        }
+    }
 }
