@@ -26,8 +26,10 @@
 //!
 //! Both are ignored like the other MySQL tests (`mysql` feature off, or
 //! `MYSQL_DATABASE_URL` unset at build time). When the cluster test runs it
-//! needs root, `mariadbd`, galera-4, rsync and socat, and fails saying so
-//! if one is missing.
+//! needs root, `mariadbd`, the `mariadb` client, galera-4, rsync and socat,
+//! and fails saying so if one is missing. The cluster harness is
+//! `runsync_testkit::galera` (`testkit/`), the contention workload
+//! `bench/src/contention.rs`: both shared with `bench/src/bin/galera.rs`.
 
 mod common;
 
@@ -87,16 +89,21 @@ fn ids_follow_auto_increment_settings(db: TestDb) {
     insert_and_check(&mut conn, &workload_families(2_500), 3, 2);
 }
 
-/// A throwaway 3-node MariaDB Galera Cluster on loopback, and the scenarios
-/// run on it, all in one test that owns the cluster (started once, stopped
-/// when the test ends, also when it panics): `galera_cluster::mysql`.
+/// The contention workload, one copy for this test and the benchmark.
+#[cfg(feature = "mysql")]
+#[path = "../bench/src/contention.rs"]
+mod contention;
+
+/// A throwaway 3-node MariaDB Galera Cluster on loopback
+/// (`runsync_testkit::galera`), and the scenarios run on it, all in one
+/// test that owns the cluster (started once, stopped when the test ends,
+/// also when it panics): `galera_cluster::mysql`.
 #[cfg(feature = "mysql")]
 mod cluster {
+    use super::contention;
     use std::collections::HashMap;
     use std::io::Write;
-    use std::os::unix::process::CommandExt;
-    use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
+    use std::process::Command;
     use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
@@ -108,244 +115,18 @@ mod cluster {
     use greenlet_orm::AnyConnection;
     use greenlet_orm::queries::insert_families;
 
-    const PROVIDER: &str = "/usr/lib/galera/libgalera_smm.so";
-    const MARIADBD: &str = "/usr/sbin/mariadbd";
+    use runsync_testkit::galera::Cluster;
 
-    fn unavailable(why: &str) -> ! {
-        panic!(
-            "cannot start the Galera test cluster: {why} (needs root, mariadb-server, galera-4, \
-             rsync and socat; `cargo test -- --skip galera_cluster` leaves it out)"
-        )
+    /// Diesel connections to the nodes of the shared harness's [`Cluster`].
+    trait Connect {
+        /// Node `i`, connected to `database`.
+        fn connect(&self, i: usize, database: &str) -> MysqlConnection;
     }
 
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-
-    fn output(cmd: &mut Command) -> String {
-        let out = cmd.output().expect("the command starts");
-        assert!(
-            out.status.success(),
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-
-    fn id_of(flag: &str) -> u32 {
-        output(Command::new("id").args([flag, "mysql"]))
-            .parse()
-            .unwrap_or_else(|_| unavailable("no `mysql` system user"))
-    }
-
-    struct Node {
-        number: usize,
-        port: u16,
-        dir: PathBuf,
-        child: Option<Child>,
-    }
-
-    impl Node {
-        fn cnf(&self) -> String {
-            format!("--defaults-file={}", self.dir.join("my.cnf").display())
-        }
-
-        fn url(&self, database: &str) -> String {
-            format!("mysql://root@127.0.0.1:{}/{database}", self.port)
-        }
-    }
-
-    /// Three nodes; dropping it kills every server (and its state-transfer
-    /// helpers: each node is a process group) and removes the data.
-    pub struct Cluster {
-        nodes: Vec<Node>,
-        uid: u32,
-        gid: u32,
-        _dir: tempfile::TempDir,
-    }
-
-    impl Drop for Cluster {
-        fn drop(&mut self) {
-            for i in 0..self.nodes.len() {
-                self.kill(i);
-            }
-        }
-    }
-
-    impl Cluster {
-        /// Writes each node's `my.cnf`, initialises node 1, bootstraps it
-        /// and joins the others one at a time (rsync state transfer).
-        pub fn start() -> Cluster {
-            if output(Command::new("id").arg("-u")) != "0" {
-                unavailable("not running as root (the nodes run as user mysql)");
-            }
-            for path in [MARIADBD, PROVIDER, "/usr/bin/rsync", "/usr/bin/socat"] {
-                if !Path::new(path).exists() {
-                    unavailable(&format!("{path} not found"));
-                }
-            }
-            let dir = tempfile::Builder::new()
-                .prefix("rs-galera-")
-                .tempdir_in("/tmp")
-                .unwrap();
-            let ports: Vec<[u16; 4]> = (0..3)
-                .map(|_| [free_port(), free_port(), free_port(), free_port()])
-                .collect();
-            let gcomm: Vec<String> = ports
-                .iter()
-                .map(|p| format!("127.0.0.1:{}", p[1]))
-                .collect();
-            let mut nodes = Vec::new();
-            for (i, [port, group, ist, sst]) in ports.iter().copied().enumerate() {
-                let node_dir = dir.path().join(format!("node{}", i + 1));
-                std::fs::create_dir(&node_dir).unwrap();
-                std::fs::create_dir(node_dir.join("data")).unwrap();
-                let d = node_dir.display();
-                let cnf = format!(
-                    "[mysqld]\n\
-                     datadir={d}/data\nsocket={d}/mysqld.sock\npid-file={d}/mysqld.pid\n\
-                     log-error={d}/error.log\nport={port}\nbind-address=127.0.0.1\n\
-                     skip-grant-tables\nbinlog_format=ROW\ndefault_storage_engine=InnoDB\n\
-                     innodb_autoinc_lock_mode=2\ninnodb_buffer_pool_size=64M\n\
-                     innodb_flush_log_at_trx_commit=0\n\
-                     wsrep_on=ON\nwsrep_provider={PROVIDER}\nwsrep_cluster_name=runsync_test\n\
-                     wsrep_cluster_address=gcomm://{}\n\
-                     wsrep_node_address=127.0.0.1:{group}\nwsrep_node_name=node{}\n\
-                     wsrep_provider_options=\"gmcast.listen_addr=tcp://127.0.0.1:{group};\
-                     ist.recv_addr=127.0.0.1:{ist};gcache.size=64M;\
-                     evs.keepalive_period=PT0.5S;evs.suspect_timeout=PT2S;\
-                     evs.inactive_timeout=PT3S;evs.install_timeout=PT3S\"\n\
-                     wsrep_sst_method=rsync\nwsrep_sst_receive_address=127.0.0.1:{sst}\n\
-                     [sst]\nsockopt=bind=127.0.0.1\n",
-                    gcomm.join(","),
-                    i + 1
-                );
-                std::fs::write(node_dir.join("my.cnf"), cnf).unwrap();
-                nodes.push(Node {
-                    number: i + 1,
-                    port,
-                    dir: node_dir,
-                    child: None,
-                });
-            }
-            output(
-                Command::new("chown")
-                    .args(["-R", "mysql:mysql"])
-                    .arg(dir.path()),
-            );
-            output(
-                Command::new("mariadb-install-db")
-                    .arg(nodes[0].cnf())
-                    .args(["--user=mysql", "--skip-test-db", "--wsrep-on=OFF"]),
-            );
-            let mut cluster = Cluster {
-                nodes,
-                uid: id_of("-u"),
-                gid: id_of("-g"),
-                _dir: dir,
-            };
-            cluster.spawn(0, &["--wsrep-new-cluster"]);
-            cluster.wait_synced(0, 1);
-            diesel::sql_query("CREATE DATABASE test")
-                .execute(&mut cluster.connect(0, "mysql"))
-                .unwrap();
-            for i in 1..3 {
-                cluster.spawn(i, &[]);
-                cluster.wait_synced(i, i + 1);
-            }
-            cluster
-        }
-
-        fn spawn(&mut self, i: usize, extra: &[&str]) {
-            let node = &mut self.nodes[i];
-            let child = Command::new(MARIADBD)
-                .arg(node.cnf())
-                .args(extra)
-                .uid(self.uid)
-                .gid(self.gid)
-                .process_group(0)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("mariadbd starts");
-            node.child = Some(child);
-        }
-
-        /// SIGKILL to node `i`'s process group.
-        pub fn kill(&mut self, i: usize) {
-            if let Some(mut child) = self.nodes[i].child.take() {
-                let _ = Command::new("kill")
-                    .args(["-KILL", "--", &format!("-{}", child.id())])
-                    .status();
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-
-        /// Restarts a killed node from its recovered position (IST).
-        pub fn restart(&mut self, i: usize) {
-            let node = &self.nodes[i];
-            let log = node.dir.join("recover.log");
-            let status = Command::new(MARIADBD)
-                .arg(node.cnf())
-                .arg("--wsrep-recover")
-                .arg(format!("--log-error={}", log.display()))
-                .uid(self.uid)
-                .gid(self.gid)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .unwrap();
-            assert!(status.success(), "mariadbd --wsrep-recover failed");
-            let text = std::fs::read_to_string(&log).unwrap();
-            let position = text
-                .lines()
-                .filter_map(|l| l.split("Recovered position: ").nth(1))
-                .next_back()
-                .unwrap_or_else(|| panic!("no recovered position in {text}"))
-                .trim()
-                .to_owned();
-            self.spawn(i, &[&format!("--wsrep_start_position={position}")]);
-        }
-
-        pub fn url(&self, i: usize, database: &str) -> String {
-            self.nodes[i].url(database)
-        }
-
-        pub fn connect(&self, i: usize, database: &str) -> MysqlConnection {
+    impl Connect for Cluster {
+        fn connect(&self, i: usize, database: &str) -> MysqlConnection {
             MysqlConnection::establish(&self.url(i, database))
-                .unwrap_or_else(|e| panic!("node {}: {e}", self.nodes[i].number))
-        }
-
-        /// Waits (up to 60 s) until node `i` answers, is `Synced` and sees
-        /// `size` members.
-        pub fn wait_synced(&self, i: usize, size: usize) {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                if let Ok(mut conn) = MysqlConnection::establish(&self.url(i, "mysql")) {
-                    let state = status(&mut conn, "wsrep_local_state_comment");
-                    let members = status(&mut conn, "wsrep_cluster_size");
-                    if state.as_deref() == Some("Synced")
-                        && members.as_deref() == Some(&size.to_string())
-                    {
-                        return;
-                    }
-                }
-                if Instant::now() > deadline {
-                    let log = std::fs::read_to_string(self.nodes[i].dir.join("error.log"))
-                        .unwrap_or_default();
-                    panic!(
-                        "node {} not synced in a cluster of {size} after 60 s; its log:\n{log}",
-                        self.nodes[i].number
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+                .unwrap_or_else(|e| panic!("node {}: {e}", i + 1))
         }
     }
 
@@ -353,18 +134,6 @@ mod cluster {
     struct Value {
         #[diesel(sql_type = Text)]
         value: String,
-    }
-
-    /// A global status variable of the server.
-    pub fn status(conn: &mut MysqlConnection, name: &str) -> Option<String> {
-        diesel::sql_query(format!(
-            "SELECT VARIABLE_VALUE AS value FROM information_schema.GLOBAL_STATUS \
-             WHERE VARIABLE_NAME = '{}'",
-            name.to_uppercase()
-        ))
-        .get_result::<Value>(conn)
-        .ok()
-        .map(|v| v.value)
     }
 
     fn figure(line: String) {
@@ -487,107 +256,42 @@ mod cluster {
     }
 
     /// 3 x 8 tasks, one engine per node, bring 32 shared counters to 100
-    /// each with read-modify-write transactions under `transaction_with_retry`.
+    /// each with read-modify-write transactions under `transaction_with_retry`
+    /// (the workload of `bench/src/contention.rs`, shared with the benchmark).
     fn contention(rt: &tokio::runtime::Runtime, cluster: &Cluster) {
         const COUNTERS: usize = 32;
         const EACH: usize = 100;
-        let mut conn = cluster.connect(0, "test");
-        conn.batch_execute("CREATE TABLE counters (id INT PRIMARY KEY, n INT NOT NULL)")
-            .unwrap();
-        for id in 0..COUNTERS {
-            diesel::sql_query(format!("INSERT INTO counters VALUES ({id}, 0)"))
-                .execute(&mut conn)
-                .unwrap();
-        }
+        contention::create_counters(&mut cluster.connect(0, "test"), COUNTERS).unwrap();
+        let before: Vec<contention::Conflicts> = (0..3)
+            .map(|i| contention::Conflicts::read(&mut cluster.connect(i, "mysql")).unwrap())
+            .collect();
         let engines = engines(rt, cluster);
-        let next = Arc::new(AtomicUsize::new(0));
-        let retries = Arc::new(AtomicU32::new(0));
-        let started = Instant::now();
-        rt.block_on(async {
-            let mut tasks = Vec::new();
-            for engine in &engines {
-                for _ in 0..8 {
-                    let (engine, next, retries) = (engine.clone(), next.clone(), retries.clone());
-                    tasks.push(tokio::spawn(async move {
-                        let policy = RetryPolicy::default()
-                            .max_attempts(100)
-                            .base_delay(Duration::from_millis(2))
-                            .max_delay(Duration::from_millis(50));
-                        loop {
-                            let unit = next.fetch_add(1, Ordering::Relaxed);
-                            if unit >= COUNTERS * EACH {
-                                return;
-                            }
-                            let id = (unit % COUNTERS) as i32;
-                            let done = engine
-                                .transaction_with_retry(&policy, move |c: &mut AnyConnection| {
-                                    #[derive(QueryableByName)]
-                                    struct N {
-                                        #[diesel(sql_type = Integer)]
-                                        n: i32,
-                                    }
-                                    let n = diesel::sql_query(
-                                        "SELECT n FROM counters WHERE id = ? FOR UPDATE",
-                                    )
-                                    .bind::<Integer, _>(id)
-                                    .get_result::<N>(c)?
-                                    .n;
-                                    diesel::sql_query("UPDATE counters SET n = ? WHERE id = ?")
-                                        .bind::<Integer, _>(n + 1)
-                                        .bind::<Integer, _>(id)
-                                        .execute(c)?;
-                                    diesel::QueryResult::Ok(())
-                                })
-                                .await
-                                .unwrap_or_else(|e| panic!("unit {unit}: {e}"));
-                            retries.fetch_add(done.attempts - 1, Ordering::Relaxed);
-                        }
-                    }));
-                }
-            }
-            for t in tasks {
-                t.await.unwrap();
-            }
-        });
-        let elapsed = started.elapsed();
+        let outcome = rt
+            .block_on(contention::run(&engines, 8, COUNTERS, EACH))
+            .unwrap_or_else(|e| panic!("contention: {e}"));
+        assert_eq!(outcome.units, COUNTERS * EACH);
         for i in 0..3 {
             let mut conn = cluster.connect(i, "test");
             conn.batch_execute("SET SESSION wsrep_sync_wait = 1")
                 .unwrap();
-            let total = diesel::sql_query("SELECT CAST(sum(n) AS SIGNED) AS n FROM counters")
-                .get_result::<Count>(&mut conn)
-                .unwrap()
-                .n;
-            let exact = diesel::sql_query(format!(
-                "SELECT CAST(count(*) AS SIGNED) AS n FROM counters WHERE n = {EACH}"
-            ))
-            .get_result::<Count>(&mut conn)
-            .unwrap()
-            .n;
-            assert_eq!(total, (COUNTERS * EACH) as i64, "node {}: sum", i + 1);
-            assert_eq!(
-                exact,
-                COUNTERS as i64,
-                "node {}: every counter at {EACH}",
-                i + 1
-            );
+            contention::check(&mut conn, COUNTERS, EACH)
+                .unwrap_or_else(|e| panic!("node {}: {e}", i + 1));
         }
         let conflicts: Vec<String> = (0..3)
             .map(|i| {
-                let mut c = cluster.connect(i, "mysql");
-                format!(
-                    "{}+{}",
-                    status(&mut c, "wsrep_local_cert_failures").unwrap_or_default(),
-                    status(&mut c, "wsrep_local_bf_aborts").unwrap_or_default()
-                )
+                let d = contention::Conflicts::read(&mut cluster.connect(i, "mysql"))
+                    .unwrap()
+                    .since(before[i]);
+                format!("{}+{}", d.cert_failures, d.bf_aborts)
             })
             .collect();
         figure(format!(
             "contention tasks=24 counters={COUNTERS} increments={} sum_exact=true retries={} \
-             cert_failures+bf_aborts_per_node={conflicts:?} seconds={:.2}",
-            COUNTERS * EACH,
-            retries.load(Ordering::Relaxed),
-            elapsed.as_secs_f64()
+             (statement_errors={}) cert_failures+bf_aborts_per_node={conflicts:?} seconds={:.2}",
+            outcome.units,
+            outcome.retries,
+            outcome.statement_errors,
+            outcome.elapsed.as_secs_f64()
         ));
     }
 
@@ -658,7 +362,7 @@ mod cluster {
         cluster.wait_synced(0, 2);
         let shrunk = killed_at.elapsed();
         std::thread::sleep(Duration::from_millis(1000));
-        let log_path = cluster.nodes[2].dir.join("error.log");
+        let log_path = cluster.log_path(2);
         let log_before = std::fs::read_to_string(&log_path).unwrap_or_default().len();
         let rejoin_started = Instant::now();
         cluster.restart(2);
@@ -775,12 +479,7 @@ mod cluster {
     /// its connections spread over every node; node 3 SIGKILLed under load:
     /// the engine's units go on, on nodes 1 and 2, and none is lost.
     fn multi_host(rt: &tokio::runtime::Runtime, cluster: &mut Cluster) {
-        let hosts: Vec<String> = cluster
-            .nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        let url = format!("mysql://root@{}/test", hosts.join(","));
+        let url = cluster.multi_host_url("test");
         let engine: Engine<AnyConnection> = rt
             .block_on(Engine::connect(
                 &url,
@@ -972,10 +671,8 @@ mod cluster {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let size = status(&mut cluster.connect(0, "mysql"), "wsrep_cluster_size");
-            let ready = MysqlConnection::establish(&cluster.url(2, "mysql"))
-                .ok()
-                .and_then(|mut c| status(&mut c, "wsrep_ready"));
+            let size = cluster.status(0, "wsrep_cluster_size");
+            let ready = cluster.status(2, "wsrep_ready");
             if size.as_deref() == Some("2") && ready.as_deref() == Some("OFF") {
                 break;
             }
@@ -985,12 +682,7 @@ mod cluster {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        let hosts: Vec<String> = cluster
-            .nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        let url = format!("mysql://root@{}/test", hosts.join(","));
+        let url = cluster.multi_host_url("test");
         let engine: Engine<AnyConnection> = rt
             .block_on(Engine::connect(
                 &url,
@@ -1038,7 +730,7 @@ mod cluster {
 
 /// Every Galera scenario on one throwaway cluster (see [`cluster`]).
 /// Ignored like the other MySQL tests; when it runs it needs root,
-/// `mariadbd`, galera-4, rsync and socat, and fails saying so if one is missing.
+/// `mariadbd`, the `mariadb` client, galera-4, rsync and socat, and fails saying so if one is missing.
 mod galera_cluster {
     #[test]
     #[cfg_attr(

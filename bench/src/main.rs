@@ -25,6 +25,7 @@
 mod async_impl;
 mod count;
 mod figures;
+mod phases;
 mod sqlx_impl;
 mod stats;
 mod sync_impls;
@@ -33,16 +34,15 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use diesel::connection::SimpleConnection;
-use diesel_runsync::{Backend, DatabaseUrl, PoolableConnection};
-use greenlet_orm::AnyConnection;
+use diesel_runsync::{Backend, DatabaseUrl};
 use greenlet_orm::queries::workload_families;
 
 use crate::count::Counter;
+use crate::phases::{Phase, PhaseTimer, clean, expected_children, on_worker};
 use crate::stats::{median, micros, percentile};
 
 /// Runs W(N) with the facade, raw sync Diesel, diesel-async and sqlx, and prints JSON lines.
@@ -196,82 +196,6 @@ impl Impl {
     }
 }
 
-/// One timed phase.
-#[derive(Debug, Clone)]
-pub struct Phase {
-    /// Phase name from `bench/WORKLOAD.md`.
-    pub name: &'static str,
-    /// Wall time.
-    pub seconds: f64,
-    /// Statements sent, BEGIN/COMMIT excluded.
-    pub queries: u64,
-}
-
-/// Times phases one after another and counts their statements.
-pub struct PhaseTimer {
-    counter: Counter,
-    started: Instant,
-    phases: Vec<Phase>,
-}
-
-impl PhaseTimer {
-    /// A timer reading `counter`.
-    pub fn new(counter: Counter) -> Self {
-        PhaseTimer {
-            counter,
-            started: Instant::now(),
-            phases: Vec::new(),
-        }
-    }
-
-    /// Starts a phase (zeroes the counter first).
-    pub fn start(&mut self) {
-        self.counter.reset();
-        self.started = Instant::now();
-    }
-
-    /// Ends the phase `name`.
-    pub fn stop(&mut self, name: &'static str) {
-        let seconds = self.started.elapsed().as_secs_f64();
-        self.phases.push(Phase {
-            name,
-            seconds,
-            queries: self.counter.queries(),
-        });
-    }
-
-    /// Ends a phase whose statements are not counted (`connect`).
-    pub fn stop_uncounted(&mut self, name: &'static str) {
-        let seconds = self.started.elapsed().as_secs_f64();
-        self.phases.push(Phase {
-            name,
-            seconds,
-            queries: 0,
-        });
-    }
-
-    /// The phases, with `total` = schema + insert + run_sync_lazy.
-    pub fn finish(mut self) -> Vec<Phase> {
-        let parts: Vec<&Phase> = self
-            .phases
-            .iter()
-            .filter(|p| matches!(p.name, "schema" | "insert" | "run_sync_lazy"))
-            .collect();
-        let total = Phase {
-            name: "total",
-            seconds: parts.iter().map(|p| p.seconds).sum(),
-            queries: parts.iter().map(|p| p.queries).sum(),
-        };
-        self.phases.push(total);
-        self.phases
-    }
-}
-
-/// Children of W(n): N + ceil(N/2).
-pub fn expected_children(n: usize) -> usize {
-    n + n.div_ceil(2)
-}
-
 /// A small xorshift generator for keys (no dependency needed).
 pub struct Rng(u64);
 
@@ -372,18 +296,6 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `future` as a task on the runtime's workers and waits for it.
-/// Async code runs on a worker in an application, where the worker that
-/// polls the I/O driver runs the woken task itself; `block_on` on the
-/// main thread would add a cross-thread wake-up to every round trip of the
-/// async implementations.
-fn on_worker<T: Send + 'static>(
-    runtime: &tokio::runtime::Runtime,
-    future: impl Future<Output = anyhow::Result<T>> + Send + 'static,
-) -> anyhow::Result<T> {
-    runtime.block_on(runtime.spawn(future))?
-}
-
 /// The PostgreSQL URL with `sslmode=disable` unless it names a mode: libpq
 /// (the facade, sync, pgbench) would otherwise negotiate TLS with a server
 /// that has `ssl = on`, while diesel-async (tokio-postgres with `NoTls`) and
@@ -402,18 +314,6 @@ fn plaintext_pg_url(url: &str) -> String {
 #[derive(Default)]
 struct Report {
     lines: Vec<String>,
-}
-
-/// Drops whatever an earlier, interrupted run left (untimed).
-fn clean(url: &str) -> anyhow::Result<()> {
-    let mut conn = <AnyConnection as PoolableConnection>::connect(&DatabaseUrl::parse(url)?)?;
-    conn.batch_execute("DROP TABLE IF EXISTS b")?;
-    conn.batch_execute("DROP TABLE IF EXISTS a")?;
-    conn.batch_execute("DROP TABLE IF EXISTS __diesel_schema_migrations")?;
-    // Leave the schema migrated, so every schema phase, the first included,
-    // reverts and re-applies the migration.
-    greenlet_orm::migrations::create_all(&mut conn)?;
-    Ok(())
 }
 
 fn median_u64(values: &[u64]) -> u64 {
