@@ -662,9 +662,25 @@ mod cluster {
 
     /// A node cut off from the others (`gmcast.isolate=1`: outside the
     /// primary component, `wsrep_ready = OFF`) still accepts connections;
-    /// an engine over the three nodes opens none there. The node is then
-    /// killed and rejoins by IST.
+    /// an engine over the three nodes opens none there. A connection that
+    /// was already pooled on it fails once with 1047 and is retired, not
+    /// handed out again. The node is then killed and rejoins by IST.
     fn not_ready_node_skipped(rt: &tokio::runtime::Runtime, cluster: &mut Cluster) {
+        let url = cluster.multi_host_url("test");
+        // Three pooled connections, one per node, opened before the
+        // isolation; never pinged on checkout, so only the engine's
+        // retirement rule can keep node 3's out of later sessions.
+        let pooled: Engine<AnyConnection> = rt
+            .block_on(Engine::connect(
+                &url,
+                EngineOptions::default()
+                    .max_size(3)
+                    .ping_after(Duration::from_secs(3600))
+                    .connection_timeout(Duration::from_secs(5)),
+            ))
+            .unwrap();
+        let before = rt.block_on(nodes_of_sessions(&pooled, 3));
+        assert_eq!(before, ["node1", "node2", "node3"]);
         cluster
             .connect(2, "mysql")
             .batch_execute("SET GLOBAL wsrep_provider_options = 'gmcast.isolate=1'")
@@ -682,7 +698,43 @@ mod cluster {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        let url = cluster.multi_host_url("test");
+        // The pooled connections, all in use at once: node 3's fails with
+        // 1047 (its node does not serve).
+        let not_ready = rt.block_on(async {
+            let mut held = Vec::new();
+            let mut failures = Vec::new();
+            for _ in 0..3 {
+                let mut session = pooled.session();
+                let named = session
+                    .run_sync(|c: &mut AnyConnection| {
+                        diesel::sql_query("SELECT @@wsrep_node_name AS value")
+                            .get_result::<Value>(c)
+                    })
+                    .await;
+                match named {
+                    Ok(_) => held.push(session),
+                    Err(e) => {
+                        failures.push(e.to_string());
+                        let _ = session.rollback().await;
+                    }
+                }
+            }
+            for mut session in held {
+                session.rollback().await.unwrap();
+            }
+            failures
+        });
+        assert_eq!(not_ready.len(), 1, "{not_ready:?}");
+        assert!(
+            not_ready[0].contains("WSREP has not yet prepared node"),
+            "{not_ready:?}"
+        );
+        // Retired: the pool opens a replacement on a ready node, and every
+        // later session works (without the rule, node 3's connection would
+        // come back and fail again).
+        let after = rt.block_on(nodes_of_sessions(&pooled, 3));
+        assert_eq!(after, ["node1", "node2"], "after the 1047");
+        drop(pooled);
         let engine: Engine<AnyConnection> = rt
             .block_on(Engine::connect(
                 &url,
@@ -701,7 +753,10 @@ mod cluster {
         cluster.kill(2);
         cluster.restart(2);
         cluster.wait_synced(2, 3);
-        figure(format!("not_ready_node_skipped spread={spread:?}"));
+        figure(format!(
+            "not_ready_node_skipped spread={spread:?} pooled_before={before:?} \
+             failed_once_with_1047={not_ready:?} pooled_after={after:?}"
+        ));
     }
 
     pub fn scenarios() {

@@ -21,10 +21,12 @@ pub const SQL_TARGET: &str = "diesel_runsync::sql";
 /// transaction depth (1: the whole transaction) and its error message.
 pub(crate) type Lost = Arc<Mutex<Option<(u32, String)>>>;
 
-/// Set once a MySQL/MariaDB statement of the connection was interrupted
-/// (`KILL QUERY` or a server deadline, errors 1317, 1969, 3024): the
-/// connection must not be reused (see [`SqlEcho`]).
-pub(crate) type Interrupted = Arc<AtomicBool>;
+/// Set once the connection must not be reused (see [`SqlEcho`]): a
+/// MySQL/MariaDB statement of it was interrupted (`KILL QUERY` or a server
+/// deadline, errors 1317, 1969, 3024), or its Galera node stopped serving
+/// (1047, *WSREP has not yet prepared node for application use*: outside
+/// the primary component, or desynced).
+pub(crate) type Retire = Arc<AtomicBool>;
 
 /// A Diesel [`Instrumentation`] that reports statements to `tracing`, and
 /// records in [`Lost`] a failed statement that lost the open transaction:
@@ -34,12 +36,13 @@ pub(crate) type Interrupted = Arc<AtomicBool>;
 /// done nothing). A rollback to a savepoint forgives a loss inside it;
 /// `BEGIN` forgets any.
 ///
-/// It also records in [`Interrupted`] a MySQL/MariaDB statement cut short
+/// It also records in [`Retire`] a MySQL/MariaDB statement cut short
 /// by the server: when that happens while the result set is on its way,
 /// libmysqlclient's prepared statement (which Diesel caches) is left
 /// expecting the rest of it, and the next execution of the same statement
 /// waits forever for rows the server never sends. Such a connection is
-/// closed instead of going back to the pool.
+/// closed instead of going back to the pool; so is one whose Galera node
+/// answers 1047 (the pool then opens a new one on a node that is ready).
 #[derive(Default)]
 pub(crate) struct SqlEcho {
     echo: bool,
@@ -47,7 +50,7 @@ pub(crate) struct SqlEcho {
     backend: Option<Backend>,
     depth: u32,
     lost: Lost,
-    interrupted: Interrupted,
+    retire: Retire,
     /// The user's instrumentation: every event, after this one's.
     then: Option<Box<dyn Instrumentation>>,
 }
@@ -65,16 +68,16 @@ impl std::fmt::Debug for SqlEcho {
 
 impl SqlEcho {
     /// Reports at `INFO` when `echo` is true, else at `DEBUG`; records
-    /// transaction losses of `backend` in `lost`, interrupted statements
-    /// in `interrupted`.
-    pub(crate) fn new(echo: bool, backend: Backend, lost: Lost, interrupted: Interrupted) -> Self {
+    /// transaction losses of `backend` in `lost`, and in `retire` that the
+    /// connection must not be reused.
+    pub(crate) fn new(echo: bool, backend: Backend, lost: Lost, retire: Retire) -> Self {
         SqlEcho {
             echo,
             started: None,
             backend: Some(backend),
             depth: 0,
             lost,
-            interrupted,
+            retire,
             then: None,
         }
     }
@@ -85,12 +88,12 @@ impl SqlEcho {
         self
     }
 
-    /// Keeps [`Lost`] and [`Interrupted`] up to date (before any echo,
+    /// Keeps [`Lost`] and [`Retire`] up to date (before any echo,
     /// which may be off).
     fn track(&mut self, event: &InstrumentationEvent<'_>) {
         if let InstrumentationEvent::FinishQuery { error: Some(e), .. } = event {
-            if self.backend == Some(Backend::Mysql) && interrupts_mysql_statement(e) {
-                self.interrupted.store(true, Ordering::Release);
+            if self.backend == Some(Backend::Mysql) && retires_mysql_connection(e) {
+                self.retire.store(true, Ordering::Release);
             }
         }
         match event {
@@ -204,14 +207,18 @@ fn loses_mysql_transaction(error: &diesel::result::Error) -> bool {
     }
 }
 
-/// Whether a MySQL/MariaDB statement was cut short by the server:
-/// `KILL QUERY` (1317), MariaDB's `max_statement_time` (1969) or MySQL's
-/// `MAX_EXECUTION_TIME` (3024); all three messages begin the same way.
-fn interrupts_mysql_statement(error: &diesel::result::Error) -> bool {
+/// Whether a MySQL/MariaDB error means the connection must not be reused:
+/// a statement cut short by the server (`KILL QUERY`: 1317, MariaDB's
+/// `max_statement_time`: 1969, MySQL's `MAX_EXECUTION_TIME`: 3024; all
+/// three messages begin the same way), or a Galera node that does not
+/// serve (1047).
+fn retires_mysql_connection(error: &diesel::result::Error) -> bool {
     match error {
-        diesel::result::Error::DatabaseError(_, info) => info
-            .message()
-            .starts_with("Query execution was interrupted"),
+        diesel::result::Error::DatabaseError(_, info) => {
+            let message = info.message();
+            message.starts_with("Query execution was interrupted")
+                || message.contains(crate::error::WSREP_NOT_READY)
+        }
         _ => false,
     }
 }

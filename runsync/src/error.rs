@@ -126,6 +126,12 @@ pub trait Retryable {
     fn is_retryable(&self) -> bool;
 }
 
+/// MariaDB Galera's error 1047 on a node that does not serve (outside the
+/// primary component, or desynced). The engine retires such a connection;
+/// the error is not [`Retryable`]: met at `COMMIT`, whether the rest of the
+/// cluster committed the transaction is unknown.
+pub(crate) const WSREP_NOT_READY: &str = "WSREP has not yet prepared node for application use";
+
 impl Retryable for diesel::result::Error {
     fn is_retryable(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error as D};

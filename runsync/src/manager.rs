@@ -11,7 +11,7 @@ use diesel::result::{ConnectionError, QueryResult};
 use tokio::sync::watch;
 
 use crate::cancel::Canceller;
-use crate::echo::{Interrupted, Lost, SqlEcho};
+use crate::echo::{Lost, Retire, SqlEcho};
 use crate::error::Error;
 use crate::url::DatabaseUrl;
 
@@ -199,9 +199,9 @@ pub(crate) struct Slot<C> {
     timeout_set_in_transaction: bool,
     /// A statement that lost the open transaction (kept by [`SqlEcho`]).
     lost: Lost,
-    /// A MySQL statement was interrupted: never reuse the connection
-    /// (kept by [`SqlEcho`]).
-    interrupted: Interrupted,
+    /// Never reuse the connection: a MySQL statement was interrupted, or
+    /// its Galera node stopped serving (kept by [`SqlEcho`]).
+    retire: Retire,
 }
 
 impl<C> Drop for Slot<C> {
@@ -217,9 +217,10 @@ impl<C> Drop for Slot<C> {
 impl<C: PoolableConnection> Slot<C> {
     /// True when the connection must not be reused: gone, with a
     /// transaction open or its transaction manager broken, or with a MySQL
-    /// statement interrupted (its cached prepared statement would hang).
+    /// statement interrupted (its cached prepared statement would hang) or
+    /// its Galera node not serving.
     fn is_unusable(&mut self) -> bool {
-        if self.interrupted.load(Ordering::Acquire) {
+        if self.retire.load(Ordering::Acquire) {
             return true;
         }
         match self.conn.as_mut() {
@@ -273,8 +274,8 @@ impl<C: PoolableConnection> Slot<C> {
         };
         // A failed ROLLBACK is logged there; the ping below decides.
         let _ = rollback_all(conn);
-        if self.interrupted.load(Ordering::Acquire) {
-            tracing::debug!("closing a connection whose statement was interrupted");
+        if self.retire.load(Ordering::Acquire) {
+            tracing::debug!("closing a connection that must not be reused");
             self.close();
             return;
         }
@@ -430,7 +431,7 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
                 server_timeout: Some(None),
                 timeout_set_in_transaction: false,
                 lost: Lost::default(),
-                interrupted: Interrupted::default(),
+                retire: Retire::default(),
             };
             if timeout.is_some() {
                 conn.set_statement_timeout(timeout)
@@ -438,13 +439,8 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
                 slot.server_timeout = Some(timeout);
             }
             conn.set_instrumentation(
-                SqlEcho::new(
-                    echo,
-                    url.backend(),
-                    slot.lost.clone(),
-                    slot.interrupted.clone(),
-                )
-                .then(user_instrumentation.as_ref().map(|make| make.make())),
+                SqlEcho::new(echo, url.backend(), slot.lost.clone(), slot.retire.clone())
+                    .then(user_instrumentation.as_ref().map(|make| make.make())),
             );
             slot.conn = Some(conn);
             Ok::<_, ConnectionError>(slot)
