@@ -6,14 +6,13 @@
 //! `StartQuery` events minus transaction events. Nothing is formatted, so
 //! counting costs two relaxed atomic increments at most per statement.
 //!
-//! A connection holds one instrumentation: installing [`Counting`] replaces
-//! what was there. On the facade's pooled connection that is diesel-runsync's
-//! own statement echo to `tracing` (not public, so it cannot be wrapped and
-//! forwarded to); the bench installs no `tracing` subscriber, so the echo
-//! would only check that its events are disabled. All three
-//! implementations therefore run their timed phases with the same
-//! instrumentation: this counter and nothing else. Installing it is untimed
-//! (see `sync_impls::facade`).
+//! A connection holds one instrumentation. On the facade the counter is
+//! given to the engine (`EngineOptions::instrumentation`), which hands it
+//! every event after its own instrumentation (the statement echo, off here
+//! since the bench installs no `tracing` subscriber, and the checks that
+//! refuse a COMMIT after a lost transaction): the facade is measured as it
+//! runs in production. On the raw connections (`sync`, diesel-async) the
+//! counter is the only instrumentation, installed untimed.
 //!
 //! sqlx counts differently: `sqlx_impl.rs` calls [`Counter::statement`]
 //! once per statement it sends (BEGIN/COMMIT not counted), one relaxed
