@@ -388,34 +388,11 @@ mod cluster {
             .unwrap_or("?")
             .to_owned();
         let acked = acked.lock().unwrap().clone();
-        let after_kill: Vec<Instant> = acked
-            .iter()
-            .map(|(_, at)| *at)
-            .filter(|at| *at > killed_at)
-            .collect();
-        let resumed = after_kill
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .chain(after_kill.first().map(|first| *first - killed_at))
-            .max()
-            .unwrap_or(Duration::MAX);
+        let resumed = longest_gap_after(&acked, killed_at);
         let mut per_node = Vec::new();
         for i in 0..3 {
-            let mut conn = cluster.connect(i, "test");
-            conn.batch_execute("SET SESSION wsrep_sync_wait = 1")
-                .unwrap();
-            #[derive(QueryableByName)]
-            struct Tag {
-                #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
-                data: Option<String>,
-            }
-            let tags: Vec<Tag> = diesel::sql_query("SELECT data FROM a")
-                .load(&mut conn)
-                .unwrap();
-            let mut counts: HashMap<String, usize> = HashMap::new();
-            for tag in tags.into_iter().filter_map(|t| t.data) {
-                *counts.entry(tag).or_default() += 1;
-            }
+            let mut conn = synced_connection(cluster, i);
+            let counts = unit_tags(&mut conn, "SELECT data FROM a");
             let duplicated = counts.values().filter(|&&n| n > 1).count();
             let lost = acked
                 .iter()
@@ -473,6 +450,46 @@ mod cluster {
         names.sort();
         names.dedup();
         names
+    }
+
+    /// The longest wait for a commit after `killed_at`: from the kill to
+    /// the first acknowledged unit, or between two of them.
+    fn longest_gap_after(acked: &[(String, Instant)], killed_at: Instant) -> Duration {
+        let after_kill: Vec<Instant> = acked
+            .iter()
+            .map(|(_, at)| *at)
+            .filter(|at| *at > killed_at)
+            .collect();
+        after_kill
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .chain(after_kill.first().map(|first| *first - killed_at))
+            .max()
+            .unwrap_or(Duration::MAX)
+    }
+
+    /// A connection to node `i` whose reads wait until every write set
+    /// committed in the cluster is applied there (`wsrep_sync_wait = 1`).
+    fn synced_connection(cluster: &Cluster, i: usize) -> MysqlConnection {
+        let mut conn = cluster.connect(i, "test");
+        conn.batch_execute("SET SESSION wsrep_sync_wait = 1")
+            .unwrap();
+        conn
+    }
+
+    /// How many rows of `a` that `sql` selects carry each unit's tag.
+    fn unit_tags(conn: &mut MysqlConnection, sql: &str) -> HashMap<String, usize> {
+        #[derive(QueryableByName)]
+        struct Tag {
+            #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+            data: Option<String>,
+        }
+        let tags: Vec<Tag> = diesel::sql_query(sql).load(conn).unwrap();
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for tag in tags.into_iter().filter_map(|t| t.data) {
+            *counts.entry(tag).or_default() += 1;
+        }
+        counts
     }
 
     /// One engine over the three nodes (`mysql://root@h:p1,h:p2,h:p3/test`):
@@ -545,33 +562,12 @@ mod cluster {
             late_failures, 0,
             "units failed after the survivors saw 2 members"
         );
-        let after_kill: Vec<Instant> = acked
-            .iter()
-            .map(|(_, at)| *at)
-            .filter(|at| *at > killed_at)
-            .collect();
-        let longest_gap = after_kill
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .chain(after_kill.first().map(|first| *first - killed_at))
-            .max()
-            .unwrap_or(Duration::MAX);
+        let longest_gap = longest_gap_after(&acked, killed_at);
         for i in 0..2 {
-            let mut conn = cluster.connect(i, "test");
-            conn.batch_execute("SET SESSION wsrep_sync_wait = 1")
-                .unwrap();
-            #[derive(QueryableByName)]
-            struct Tag {
-                #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
-                data: Option<String>,
-            }
-            let tags: Vec<Tag> = diesel::sql_query("SELECT data FROM a WHERE data LIKE 'm%'")
-                .load(&mut conn)
-                .unwrap();
-            let mut counts: HashMap<String, usize> = HashMap::new();
-            for tag in tags.into_iter().filter_map(|t| t.data) {
-                *counts.entry(tag).or_default() += 1;
-            }
+            let counts = unit_tags(
+                &mut synced_connection(cluster, i),
+                "SELECT data FROM a WHERE data LIKE 'm%'",
+            );
             assert!(
                 counts.values().all(|&n| n == 1),
                 "node {}: duplicates",
