@@ -335,16 +335,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
             let started = Instant::now();
             let slot = &mut *pooled;
             let watch = &done.0.watch;
-            let mut step = if watch.reason().is_some() {
-                // Cancelled while queued: nothing of it runs.
-                Step::Skipped
-            } else {
-                match slot.apply_statement_timeout(timeout, !needs_begin) {
-                    Err(e) if needs_begin => Step::Begin(e),
-                    Err(e) => Step::Setup(e),
-                    Ok(()) => run_closure(slot.conn_mut(), needs_begin, watch, f),
-                }
-            };
+            let mut step = run_operation(slot, timeout, needs_begin, watch, f);
             let reason = watch.reason();
             if let Some(limit) = timeout {
                 // The deadline passed (the timer cancelled the statement, or
@@ -640,6 +631,31 @@ fn has_open_transaction<C: PoolableConnection>(pooled: &mut Pooled<C>) -> bool {
             Ok(None)
         )
     })
+}
+
+/// The blocking task's work for one operation: nothing if it was cancelled
+/// while queued; else the statement `timeout`, `BEGIN` if needed and the
+/// user's closure.
+fn run_operation<C, R, E, F>(
+    slot: &mut Slot<C>,
+    timeout: Option<Duration>,
+    needs_begin: bool,
+    watch: &OpWatch,
+    f: F,
+) -> Step<R, E>
+where
+    C: PoolableConnection,
+    F: FnOnce(&mut C) -> Result<R, E>,
+{
+    if watch.reason().is_some() {
+        // Cancelled while queued: nothing of it runs.
+        return Step::Skipped;
+    }
+    match slot.apply_statement_timeout(timeout, !needs_begin) {
+        Err(e) if needs_begin => Step::Begin(e),
+        Err(e) => Step::Setup(e),
+        Ok(()) => run_closure(slot.conn_mut(), needs_begin, watch, f),
+    }
 }
 
 /// `BEGIN` if needed, then the user's closure, with the watch told when it

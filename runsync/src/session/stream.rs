@@ -58,7 +58,7 @@ use futures_core::Stream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::{AsyncSession, CancelFlag, DoneSignal, State, Step, run_closure};
+use super::{AsyncSession, CancelFlag, DoneSignal, State, Step, run_operation};
 use crate::engine::Pooled;
 use crate::error::Error;
 use crate::manager::{PoolableConnection, rollback_all};
@@ -427,19 +427,8 @@ impl<C: PoolableConnection> AsyncSession<C> {
         let task = tokio::task::spawn_blocking(move || {
             let slot = &mut *pooled;
             let watch = &done.0.watch;
-            let mut step = if watch.reason().is_some() {
-                // Dropped while queued: nothing of it runs.
-                Step::Skipped
-            } else {
-                // No deadline for a stream: the server's default timeout.
-                match slot.apply_statement_timeout(None, !needs_begin) {
-                    Err(e) if needs_begin => Step::Begin(e),
-                    Err(e) => Step::Setup(e),
-                    Ok(()) => run_closure(slot.conn_mut(), needs_begin, watch, |conn| {
-                        f(conn, &mut sink)
-                    }),
-                }
-            };
+            // No deadline for a stream: the server's default timeout.
+            let mut step = run_operation(slot, None, needs_begin, watch, |conn| f(conn, &mut sink));
             sink.flush();
             let abandoned_early = sink.closed || watch.reason().is_some();
             // The channel closes: the consumer goes on to wait for this task.
