@@ -38,19 +38,6 @@ use diesel::connection::SimpleConnection;
 use greenlet_orm::queries::{all_rows, insert_families, seed_families, workload_families};
 use greenlet_orm::{AnyConnection, Family};
 
-/// What SPEC.md says the program prints.
-#[cfg(feature = "mysql")]
-const SEED_OUTPUT: &str = "\
-A(id=1, data='a1')
-B(id=1, a_id=1, data=None)
-B(id=2, a_id=1, data=None)
-A(id=2, data='a2')
-B(id=3, a_id=2, data=None)
-A(id=3, data='a3')
-B(id=4, a_id=3, data=None)
-B(id=5, a_id=3, data=None)
-";
-
 /// Inserts `families` and checks each returned id against the rows.
 fn insert_and_check(conn: &mut AnyConnection, families: &[Family], step: i32, offset: i32) {
     let ids = insert_families(conn, families).unwrap();
@@ -178,7 +165,7 @@ mod cluster {
         }
         assert_eq!(
             normalised,
-            super::SEED_OUTPUT,
+            crate::common::SEED_OUTPUT,
             "output on node 2:\n{stdout}"
         );
         for ids in [&a_ids, &b_ids] {

@@ -5,21 +5,9 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{TestDb, per_backend};
+use common::{SEED_OUTPUT, TestDb, per_backend};
 use diesel::prelude::*;
 use greenlet_orm::queries::all_rows;
-
-/// What SPEC.md says the program prints.
-const SEED_OUTPUT: &str = "\
-A(id=1, data='a1')
-B(id=1, a_id=1, data=None)
-B(id=2, a_id=1, data=None)
-A(id=2, data='a2')
-B(id=3, a_id=2, data=None)
-A(id=3, data='a3')
-B(id=4, a_id=3, data=None)
-B(id=5, a_id=3, data=None)
-";
 
 /// Runs the binary in an empty directory (no `.env` there), with
 /// `DATABASE_URL` set and nothing else of ours inherited.

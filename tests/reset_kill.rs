@@ -34,24 +34,12 @@ use std::io::Write;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestDb, per_backend};
+use common::{SEED_OUTPUT, TestDb, per_backend};
 use diesel::prelude::*;
 use diesel::sql_types::Text;
 use diesel_runsync::Backend;
 use greenlet_orm::AnyConnection;
 use greenlet_orm::queries::all_rows;
-
-/// What SPEC.md says the program prints (as in `tests/program.rs`).
-const SEED_OUTPUT: &str = "\
-A(id=1, data='a1')
-B(id=1, a_id=1, data=None)
-B(id=2, a_id=1, data=None)
-A(id=2, data='a2')
-B(id=3, a_id=2, data=None)
-A(id=3, data='a3')
-B(id=4, a_id=3, data=None)
-B(id=5, a_id=3, data=None)
-";
 
 /// The schema's one migration.
 const VERSION: &str = "20240101000000";

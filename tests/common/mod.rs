@@ -131,6 +131,18 @@ pub enum Flavor {
     MultiThread,
 }
 
+/// What SPEC.md says the program prints.
+pub const SEED_OUTPUT: &str = "\
+A(id=1, data='a1')
+B(id=1, a_id=1, data=None)
+B(id=2, a_id=1, data=None)
+A(id=2, data='a2')
+B(id=3, a_id=2, data=None)
+A(id=3, data='a3')
+B(id=4, a_id=3, data=None)
+B(id=5, a_id=3, data=None)
+";
+
 /// A runtime of `flavor`, as `#[tokio::test]` builds it.
 pub fn runtime(flavor: Flavor) -> tokio::runtime::Runtime {
     match flavor {
