@@ -67,9 +67,15 @@
 //!   async `Stream`, over a bounded channel, inside the session's transaction.
 //! - `cancel` — [`Canceller`]: cancellation that reaches the server
 //!   (`pg_cancel_backend`, `KILL QUERY`, `sqlite3_interrupt`) when an
-//!   operation's future is dropped or its deadline passes.
+//!   operation's future is dropped or its deadline passes; a closure that
+//!   will not stop has its connection terminated ([`TERMINATE_AFTER`]).
 //! - `retry` — [`Engine::transaction_with_retry`], [`RetryPolicy`], [`Retried`].
-//! - `echo` — statements to `tracing` on the target [`SQL_TARGET`].
+//! - `echo` — the engine's Diesel instrumentation on every connection:
+//!   statements to `tracing` on the target [`SQL_TARGET`], the failed
+//!   statement that lost a transaction (its `COMMIT` is refused), the MySQL
+//!   connection to retire (an interrupted statement, a Galera node that
+//!   stopped serving); yours runs after it
+//!   ([`EngineOptions::instrumentation`]).
 //! - `error` — [`Error`] and [`Retryable`].
 
 #![warn(missing_docs, unreachable_pub)]
