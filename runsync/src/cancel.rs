@@ -555,4 +555,63 @@ mod tests {
         canceller.detach();
         assert_eq!(calls.load(Ordering::SeqCst), 11);
     }
+
+    #[test]
+    fn a_shared_canceller_rebuilt_keeps_every_part() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (c, t, d) = (calls.clone(), calls.clone(), calls.clone());
+        let original = Canceller::new(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .or_terminate(move || {
+            t.fetch_add(100, Ordering::SeqCst);
+            Ok(())
+        });
+        // Shared: `on_close` cannot take the parts, it wraps them.
+        let clone = original.clone();
+        let rebuilt = clone.on_close(move || {
+            d.fetch_add(10_000, Ordering::SeqCst);
+        });
+        rebuilt.cancel().unwrap();
+        rebuilt.terminate().unwrap();
+        rebuilt.detach();
+        assert_eq!(calls.load(Ordering::SeqCst), 10_101);
+        // The original is unchanged: no detach.
+        original.detach();
+        assert_eq!(calls.load(Ordering::SeqCst), 10_101);
+        // Without `or_terminate`, terminating cancels.
+        let plain_calls = Arc::new(AtomicUsize::new(0));
+        let p = plain_calls.clone();
+        let plain = Canceller::new(move || {
+            p.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        });
+        plain.terminate().unwrap();
+        assert_eq!(plain_calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_closure_that_runs_on_gets_terminated_once() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (c, t) = (calls.clone(), calls.clone());
+        let canceller = Canceller::new(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .or_terminate(move || {
+            t.fetch_add(100, Ordering::SeqCst);
+            Ok(())
+        });
+        let watch = OpWatch::new(Some(canceller));
+        assert!(watch.enter());
+        assert!(watch.deliver());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Pretend the first cancel went out TERMINATE_AFTER ago.
+        watch.lock().first_delivered = Some(Instant::now() - TERMINATE_AFTER);
+        assert!(!watch.deliver(), "nothing more to send once terminated");
+        assert_eq!(calls.load(Ordering::SeqCst), 101);
+        assert!(!watch.deliver());
+        assert_eq!(calls.load(Ordering::SeqCst), 101);
+    }
 }
