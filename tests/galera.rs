@@ -415,6 +415,19 @@ mod cluster {
         ));
     }
 
+    /// An engine over `url` (every node), checkouts waiting at most 5 s.
+    fn engine_over(
+        rt: &tokio::runtime::Runtime,
+        url: &str,
+        options: EngineOptions,
+    ) -> Engine<AnyConnection> {
+        rt.block_on(Engine::connect(
+            url,
+            options.connection_timeout(Duration::from_secs(5)),
+        ))
+        .unwrap()
+    }
+
     /// The nodes that `sessions` sessions of `engine`, all open at once, run on.
     async fn nodes_of_sessions(engine: &Engine<AnyConnection>, sessions: usize) -> Vec<String> {
         let mut held = Vec::new();
@@ -484,14 +497,7 @@ mod cluster {
     /// the engine's units go on, on nodes 1 and 2, and none is lost.
     fn multi_host(rt: &tokio::runtime::Runtime, cluster: &mut Cluster) {
         let url = cluster.multi_host_url("test");
-        let engine: Engine<AnyConnection> = rt
-            .block_on(Engine::connect(
-                &url,
-                EngineOptions::default()
-                    .max_size(6)
-                    .connection_timeout(Duration::from_secs(5)),
-            ))
-            .unwrap();
+        let engine = engine_over(rt, &url, EngineOptions::default().max_size(6));
         let spread = rt.block_on(nodes_of_sessions(&engine, 6));
         assert_eq!(
             spread,
@@ -653,15 +659,13 @@ mod cluster {
         // Three pooled connections, one per node, opened before the
         // isolation; never pinged on checkout, so only the engine's
         // retirement rule can keep node 3's out of later sessions.
-        let pooled: Engine<AnyConnection> = rt
-            .block_on(Engine::connect(
-                &url,
-                EngineOptions::default()
-                    .max_size(3)
-                    .ping_after(Duration::from_secs(3600))
-                    .connection_timeout(Duration::from_secs(5)),
-            ))
-            .unwrap();
+        let pooled = engine_over(
+            rt,
+            &url,
+            EngineOptions::default()
+                .max_size(3)
+                .ping_after(Duration::from_secs(3600)),
+        );
         let before = rt.block_on(nodes_of_sessions(&pooled, 3));
         assert_eq!(before, ["node1", "node2", "node3"]);
         cluster
@@ -718,14 +722,7 @@ mod cluster {
         let after = rt.block_on(nodes_of_sessions(&pooled, 3));
         assert_eq!(after, ["node1", "node2"], "after the 1047");
         drop(pooled);
-        let engine: Engine<AnyConnection> = rt
-            .block_on(Engine::connect(
-                &url,
-                EngineOptions::default()
-                    .max_size(6)
-                    .connection_timeout(Duration::from_secs(5)),
-            ))
-            .unwrap();
+        let engine = engine_over(rt, &url, EngineOptions::default().max_size(6));
         let spread = rt.block_on(nodes_of_sessions(&engine, 6));
         assert_eq!(
             spread,

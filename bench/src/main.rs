@@ -503,15 +503,7 @@ fn workload(
         backend.name(),
         cli.runs
     ));
-    let phase_names = [
-        "connect",
-        "schema",
-        "insert",
-        "run_sync_lazy",
-        "run_sync_eager",
-        "verify",
-        "total",
-    ];
+    let phase_names = phases::PHASES;
     let mut header = format!("{:<14}", "impl");
     for phase in phase_names {
         header.push_str(&format!(" {phase:>22}"));

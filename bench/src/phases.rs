@@ -110,3 +110,14 @@ pub fn clean(url: &str) -> anyhow::Result<()> {
     greenlet_orm::migrations::create_all(&mut conn)?;
     Ok(())
 }
+
+/// The phases of W(N), in the order they run and are reported.
+pub const PHASES: [&str; 7] = [
+    "connect",
+    "schema",
+    "insert",
+    "run_sync_lazy",
+    "run_sync_eager",
+    "verify",
+    "total",
+];

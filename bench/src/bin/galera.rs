@@ -105,15 +105,6 @@ struct Cli {
 const COUNTERS: usize = 32;
 const ENGINES: usize = 3;
 const TASKS_PER_ENGINE: usize = 8;
-const PHASES: [&str; 7] = [
-    "connect",
-    "schema",
-    "insert",
-    "run_sync_lazy",
-    "run_sync_eager",
-    "verify",
-    "total",
-];
 
 /// Writes each line to stdout and to the results file.
 struct Out {
@@ -262,13 +253,13 @@ fn workload(
         cli.warmup
     ));
     let mut header = format!("{:<8}", "target");
-    for phase in PHASES {
+    for phase in phases::PHASES {
         header.push_str(&format!(" {phase:>14}"));
     }
     report.push(header);
     for (name, _) in &targets {
         let mut row = format!("{name:<8}");
-        for phase in PHASES {
+        for phase in phases::PHASES {
             let values = seconds.get(&(*name, phase)).cloned().unwrap_or_default();
             let m = median(&values);
             row.push_str(&format!(" {m:>14.6}"));
