@@ -6,10 +6,8 @@
 //! so the `any_connection!` macro below writes the enum out once per feature set.
 
 use diesel::prelude::*;
-use diesel::result::ConnectionError;
-use std::time::Duration;
 
-use diesel_runsync::{Backend, Canceller, DatabaseUrl, PoolableConnection};
+use diesel_runsync::Backend;
 
 /// Declares `AnyConnection` with the given variants, deriving
 /// `MultiConnection` (one invocation per feature set, below).
@@ -76,13 +74,6 @@ macro_rules! on_inner_connection {
 }
 pub(crate) use on_inner_connection;
 
-/// The error for a URL whose backend this build left out.
-fn not_compiled_in(backend: Backend) -> ConnectionError {
-    ConnectionError::InvalidConnectionUrl(format!(
-        "this build has no {backend} support; rebuild with `--features {backend}`"
-    ))
-}
-
 impl AnyConnection {
     /// The backend behind this connection.
     pub fn backend(&self) -> Backend {
@@ -96,39 +87,15 @@ impl AnyConnection {
     }
 }
 
-impl PoolableConnection for AnyConnection {
-    /// Opens the variant the URL's scheme names, keeping the driver's own
-    /// error message (the derived `establish` replaces it with a generic
-    /// one), and that variant's own settings.
-    fn connect(url: &DatabaseUrl) -> Result<Self, ConnectionError> {
-        Ok(match url.backend() {
-            #[cfg(feature = "postgres")]
-            Backend::Postgres => AnyConnection::Postgresql(PgConnection::connect(url)?),
-            #[cfg(feature = "mysql")]
-            Backend::Mysql => AnyConnection::Mysql(MysqlConnection::connect(url)?),
-            Backend::Sqlite => AnyConnection::Sqlite(SqliteConnection::connect(url)?),
-            #[allow(unreachable_patterns)] // every backend compiled in
-            other => return Err(not_compiled_in(other)),
-        })
-    }
-
-    fn begin_outer_transaction(&mut self) -> QueryResult<()> {
-        on_inner_connection!(self, |conn| conn.begin_outer_transaction())
-    }
-
-    /// The inner connection's (a Galera node not `wsrep_ready` says no).
-    fn ready(&mut self) -> QueryResult<()> {
-        on_inner_connection!(self, |conn| conn.ready())
-    }
-
-    /// The inner connection's: `pg_cancel_backend`, `KILL QUERY` or
-    /// `sqlite3_interrupt` when a statement is cancelled.
-    fn canceller(&mut self, url: &DatabaseUrl) -> Option<Canceller> {
-        on_inner_connection!(self, |conn| conn.canceller(url))
-    }
-
-    /// The inner connection's server-side statement timeout.
-    fn set_statement_timeout(&mut self, timeout: Option<Duration>) -> QueryResult<()> {
-        on_inner_connection!(self, |conn| conn.set_statement_timeout(timeout))
+// Every `PoolableConnection` method goes to the inner connection's impl, so
+// the program's engine keeps each backend's set-up, server-side cancel and
+// timeouts, readiness checks and replica positions.
+diesel_runsync::forward_poolable_connection! {
+    AnyConnection {
+        #[cfg(feature = "postgres")]
+        Postgres => Postgresql(PgConnection),
+        #[cfg(feature = "mysql")]
+        Mysql => Mysql(MysqlConnection),
+        Sqlite => Sqlite(SqliteConnection),
     }
 }

@@ -366,24 +366,70 @@ impl OpWatch {
     }
 }
 
-/// The PostgreSQL canceller: `pg_cancel_backend` from a side connection.
+/// The PostgreSQL canceller: `pg_cancel_backend` from a side connection,
+/// aimed at this connection's backend and no other.
+///
+/// The backend is named by its pid *and its start time*, read when the
+/// connection opens, and the side connection only signals a backend that
+/// matches both: after a failover the side connection may reach another
+/// server, where the same pid is someone else's, and a pid is reused once
+/// its backend exits. Behind a transaction-mode pooler (PgBouncer) a pid
+/// names whichever client holds that server connection now, so there is no
+/// canceller at all: when the URL or the engine says so
+/// ([`DatabaseUrl::transaction_pooler`](crate::DatabaseUrl::transaction_pooler)), or
+/// when the server's port is not one the URL names (a proxy is in between);
+/// the prepared statement cache is then turned off too. Deadlines still
+/// hold there: the server enforces them (`SET LOCAL statement_timeout`),
+/// and a caller gives up a connection that does not come back in time.
 #[cfg(feature = "postgres")]
 pub(crate) fn postgres(
     conn: &mut diesel::PgConnection,
     url: &crate::DatabaseUrl,
 ) -> Option<Canceller> {
     use diesel::prelude::*;
-    let pid: i32 = diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>(
-        "pg_backend_pid()",
-    ))
+    #[derive(QueryableByName)]
+    struct Backend {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        pid: i32,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        started: String,
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Integer>)]
+        port: Option<i32>,
+    }
+    if url.transaction_pooler() == Some(true) {
+        return None;
+    }
+    let me: Backend = diesel::sql_query(
+        "SELECT pid, CAST(backend_start AS text) AS started, inet_server_port() AS port \
+         FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+    )
     .get_result(conn)
     .map_err(|e| tracing::warn!("no server-side cancel for this connection: {e}"))
     .ok()?;
+    if url.transaction_pooler().is_none()
+        && let Some(port) = me.port
+        && !url.ports().contains(&(port as u16))
+    {
+        tracing::info!(
+            "{url}: the server listens on port {port}, which the URL does not name: a proxy or \
+             pooler is in between, so this connection has no server-side cancel and no \
+             prepared statement cache (add pgbouncer=false to the URL if it is not a \
+             transaction-mode pooler)"
+        );
+        conn.set_prepared_statement_cache_size(diesel::connection::CacheSize::Disabled);
+        return None;
+    }
     let url = url.clone();
+    let (pid, started) = (me.pid, me.started);
     let side = move |function: &str| -> Result<(), CancelError> {
-        let mut side =
-            diesel::PgConnection::establish(url.expose()).map_err(|e| url.scrub(&e.to_string()))?;
-        diesel::sql_query(format!("SELECT {function}({pid})")).execute(&mut side)?;
+        let mut side = diesel::PgConnection::establish(&side_url(&url))
+            .map_err(|e| url.scrub(&e.to_string()))?;
+        diesel::sql_query(format!(
+            "SELECT {function}(pid) FROM pg_stat_activity \
+             WHERE pid = {pid} AND backend_start = CAST($1 AS timestamptz)"
+        ))
+        .bind::<diesel::sql_types::Text, _>(&started)
+        .execute(&mut side)?;
         Ok(())
     };
     let side = Arc::new(side);
@@ -392,6 +438,21 @@ pub(crate) fn postgres(
         Canceller::new(move || side("pg_cancel_backend"))
             .or_terminate(move || terminate("pg_terminate_backend")),
     )
+}
+
+/// The URL of a PostgreSQL side connection: the pooled one's, with a
+/// 5-second `connect_timeout` where it sets none, so a cancel aimed at a
+/// server that does not answer gives up instead of holding a thread.
+#[cfg(feature = "postgres")]
+fn side_url(url: &crate::DatabaseUrl) -> String {
+    let raw = url.expose();
+    if url.param("connect_timeout").is_some() {
+        raw.to_owned()
+    } else if raw.contains('?') {
+        format!("{raw}&connect_timeout=5")
+    } else {
+        format!("{raw}?connect_timeout=5")
+    }
 }
 
 /// The MySQL/MariaDB canceller: `KILL QUERY` from a side connection.

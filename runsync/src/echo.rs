@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
 
+use crate::error::failover_error;
 use crate::url::{Backend, redact, scrub_message};
 
 /// The `tracing` target of statement events.
@@ -23,9 +24,12 @@ pub(crate) type Lost = Arc<Mutex<Option<(u32, String)>>>;
 
 /// Set once the connection must not be reused (see [`SqlEcho`]): a
 /// MySQL/MariaDB statement of it was interrupted (`KILL QUERY` or a server
-/// deadline, errors 1317, 1969, 3024), or its Galera node stopped serving
+/// deadline, errors 1317, 1969, 3024), its Galera node stopped serving
 /// (1047, *WSREP has not yet prepared node for application use*: outside
-/// the primary component, or desynced).
+/// the primary component, or desynced), or a statement failed in a way
+/// that says its server cannot serve this engine any more (a failover:
+/// read-only for a read-write engine, terminated, shutting down, the
+/// connection gone; see `error::failover_error`).
 pub(crate) type Retire = Arc<AtomicBool>;
 
 /// A Diesel [`Instrumentation`] that reports statements to `tracing`, and
@@ -48,6 +52,7 @@ pub(crate) struct SqlEcho {
     echo: bool,
     started: Option<Instant>,
     backend: Option<Backend>,
+    access: Option<crate::manager::Access>,
     depth: u32,
     lost: Lost,
     retire: Retire,
@@ -70,11 +75,18 @@ impl SqlEcho {
     /// Reports at `INFO` when `echo` is true, else at `DEBUG`; records
     /// transaction losses of `backend` in `lost`, and in `retire` that the
     /// connection must not be reused.
-    pub(crate) fn new(echo: bool, backend: Backend, lost: Lost, retire: Retire) -> Self {
+    pub(crate) fn new(
+        echo: bool,
+        backend: Backend,
+        access: crate::manager::Access,
+        lost: Lost,
+        retire: Retire,
+    ) -> Self {
         SqlEcho {
             echo,
             started: None,
             backend: Some(backend),
+            access: Some(access),
             depth: 0,
             lost,
             retire,
@@ -92,7 +104,9 @@ impl SqlEcho {
     /// which may be off).
     fn track(&mut self, event: &InstrumentationEvent<'_>) {
         if let InstrumentationEvent::FinishQuery { error: Some(e), .. } = event {
-            if self.backend == Some(Backend::Mysql) && retires_mysql_connection(e) {
+            if (self.backend == Some(Backend::Mysql) && retires_mysql_connection(e))
+                || self.cannot_serve(e)
+            {
                 self.retire.store(true, Ordering::Release);
             }
         }
@@ -129,6 +143,17 @@ impl SqlEcho {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Whether a failed statement says this connection's server can no
+    /// longer serve the engine ([`failover_error`]): gone, terminated,
+    /// shutting down, or read-only for a read-write engine.
+    fn cannot_serve(&self, error: &diesel::result::Error) -> bool {
+        match failover_error(error) {
+            None => false,
+            Some("read-only") => self.access == Some(crate::manager::Access::ReadWrite),
+            Some(_) => true,
         }
     }
 

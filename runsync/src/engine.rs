@@ -9,7 +9,9 @@ use diesel::connection::Instrumentation;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::error::Error;
-use crate::manager::{ConnectErrorSink, LastConnectError, Manager, PoolableConnection, Slot};
+use crate::manager::{
+    Access, ConnectErrorSink, LastConnectError, Manager, PoolableConnection, Slot,
+};
 use crate::session::AsyncSession;
 use crate::url::DatabaseUrl;
 
@@ -75,6 +77,22 @@ pub struct EngineOptions {
     /// for itself ([`AsyncSession::set_statement_timeout`]) or for one call
     /// ([`AsyncSession::with_timeout`]).
     pub statement_timeout: Option<Duration>,
+    /// Connections for reads only: any node will do (a standby included).
+    /// Off (the default), the engine is read-write: a connection whose
+    /// server turned read-only (a demoted primary, a standby,
+    /// `default_transaction_read_only`) is refused when opened or checked
+    /// and retired after a 25006, so the pool moves to a writable node. A
+    /// PostgreSQL URL with `target_session_attrs=read-only`, `standby` or
+    /// `prefer-standby` makes the engine read-only too.
+    pub read_only: bool,
+    /// A transaction-mode pooler (PgBouncer) between the engine and the
+    /// PostgreSQL server: `Some(true)` turns Diesel's prepared statement
+    /// cache off and server-side cancel off (a backend pid names whichever
+    /// client holds that server connection now); `Some(false)` keeps both;
+    /// `None` (the default) takes the URL's `pgbouncer=true|false`, else
+    /// detects a proxy per connection (the server's port is not one the
+    /// URL names) and then does as for `Some(true)`.
+    pub transaction_pooler: Option<bool>,
 }
 
 impl Default for EngineOptions {
@@ -88,6 +106,8 @@ impl Default for EngineOptions {
             idle_timeout: Some(Duration::from_secs(600)),
             max_lifetime: Some(Duration::from_secs(1800)),
             statement_timeout: None,
+            read_only: false,
+            transaction_pooler: None,
         }
     }
 }
@@ -142,6 +162,21 @@ impl EngineOptions {
     #[must_use]
     pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.statement_timeout = timeout;
+        self
+    }
+
+    /// Sets [`read_only`](Self::read_only): an engine for reads, on any node.
+    #[must_use]
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Sets [`transaction_pooler`](Self::transaction_pooler): whether a
+    /// transaction-mode pooler (PgBouncer) sits in front of the server.
+    #[must_use]
+    pub fn transaction_pooler(mut self, pooler: bool) -> Self {
+        self.transaction_pooler = Some(pooler);
         self
     }
 
@@ -253,7 +288,12 @@ impl<C: PoolableConnection> Engine<C> {
     ///
     /// Must be called inside a tokio runtime (multi-thread or current-thread).
     pub async fn connect(url: &str, options: EngineOptions) -> Result<Self, Error> {
-        let url = DatabaseUrl::parse(url)?;
+        let url = DatabaseUrl::parse(url)?.with_transaction_pooler(options.transaction_pooler);
+        let access = if options.read_only || url.prefers_read_only() {
+            Access::ReadOnly
+        } else {
+            Access::ReadWrite
+        };
         let mut options = options;
         if url.is_sqlite_memory() {
             // Each SQLite :memory: connection is its own database: keep one, forever.
@@ -270,6 +310,8 @@ impl<C: PoolableConnection> Engine<C> {
             user_instrumentation: options.user_instrumentation.clone(),
             ping_after: options.ping_after,
             statement_timeout: options.statement_timeout,
+            access,
+            backoff: Default::default(),
             _conn: PhantomData,
         };
         let max_size = options.max_size.max(1);

@@ -75,6 +75,17 @@ pub enum Error {
     )]
     Timeout(Duration),
 
+    /// The connection broke after `COMMIT` was sent, or the call's deadline
+    /// passed while `COMMIT` was on its way: the server may have committed
+    /// the transaction or not, and nothing can tell which from here. Never
+    /// retried by [`Engine::transaction_with_retry`](crate::Engine::transaction_with_retry)
+    /// (a retry could apply the work twice); check in the database whether
+    /// the work is there, or make the unit idempotent.
+    #[error(
+        "the connection was lost after COMMIT was sent ({0}); the transaction may or may not have been committed: check whether its work is in the database before running it again"
+    )]
+    CommitOutcomeUnknown(String),
+
     /// The connection was lost with a cancelled or panicked blocking task.
     #[error("the session's connection was lost with a cancelled task; use a new session")]
     ConnectionLost,
@@ -122,8 +133,18 @@ impl From<Error> for diesel::result::Error {
 pub trait Retryable {
     /// True for a serialization failure or deadlock (PostgreSQL 40001/40P01,
     /// MySQL 1213/1205, SQLite BUSY): the transaction lost a race, and a
-    /// fresh attempt may commit.
+    /// fresh attempt may commit; and for a failover seen before `COMMIT`
+    /// ([`is_failover`](Self::is_failover)).
     fn is_retryable(&self) -> bool;
+
+    /// True when the failure is what a switchover or failover looks like
+    /// before `COMMIT` was sent (a connect that failed, a connection that
+    /// broke or was terminated, a node that turned read-only or is shutting
+    /// down): [`RetryPolicy::failover_window`](crate::RetryPolicy::failover_window)
+    /// bounds how long such failures are retried. The default says no.
+    fn is_failover(&self) -> bool {
+        false
+    }
 }
 
 /// MariaDB Galera's error 1047 on a node that does not serve (outside the
@@ -135,8 +156,15 @@ pub(crate) const WSREP_NOT_READY: &str = "WSREP has not yet prepared node for ap
 impl Retryable for diesel::result::Error {
     fn is_retryable(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error as D};
-        let D::DatabaseError(kind, info) = self else {
-            return false;
+        let (kind, info) = match self {
+            D::DatabaseError(kind, info) => (kind, info),
+            // One of this crate's errors, through a `QueryResult` closure.
+            D::QueryBuilderError(inner) => {
+                return inner
+                    .downcast_ref::<Error>()
+                    .is_some_and(Error::is_retryable);
+            }
+            _ => return false,
         };
         if matches!(kind, DatabaseErrorKind::SerializationFailure) {
             return true;
@@ -148,13 +176,101 @@ impl Retryable for diesel::result::Error {
             || message.contains("database is locked")
             || message.contains("could not serialize")
             || message.contains("restart transaction")
+            || failover_error(self).is_some()
+    }
+
+    fn is_failover(&self) -> bool {
+        match self {
+            diesel::result::Error::QueryBuilderError(inner) => inner
+                .downcast_ref::<Error>()
+                .is_some_and(Error::is_failover),
+            other => failover_error(other).is_some(),
+        }
     }
 }
 
 impl Retryable for Error {
+    /// Also true for what a failover or switchover looks like before
+    /// `COMMIT` is sent (a connection that broke or was terminated, a node
+    /// that turned read-only or is shutting down, a failed connect): the
+    /// server rolls back an uncommitted transaction whose connection is
+    /// gone, so running the unit again cannot apply it twice. Never for
+    /// [`Error::CommitOutcomeUnknown`].
     fn is_retryable(&self) -> bool {
-        matches!(self, Error::Database(e) if e.is_retryable())
+        match self {
+            Error::Database(e) => e.is_retryable(),
+            Error::Connect { .. } => true,
+            _ => false,
+        }
     }
+
+    fn is_failover(&self) -> bool {
+        match self {
+            Error::Database(e) => e.is_failover(),
+            Error::Connect { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Why a failed statement means its server cannot serve this unit any
+/// more (so its connection is retired, and the unit may run again on
+/// another): `None` for any other error.
+///
+/// - PostgreSQL: 25006 `read_only_sql_transaction` (a demoted primary, a
+///   standby, `default_transaction_read_only`), 57P01-57P03 (terminated by
+///   an administrator or a crash, shutting down, starting up), 08xxx and a
+///   connection libpq found closed.
+/// - MySQL/MariaDB: 1290 (`--read-only`), 2006/2013 (gone away, lost).
+/// - PgBouncer after a retarget: 26000/42P05 on a named prepared statement.
+pub(crate) fn failover_error(error: &diesel::result::Error) -> Option<&'static str> {
+    use diesel::result::{DatabaseErrorKind, Error as D};
+    let D::DatabaseError(kind, info) = error else {
+        return None;
+    };
+    match kind {
+        DatabaseErrorKind::ReadOnlyTransaction => return Some("read-only"),
+        DatabaseErrorKind::ClosedConnection => return Some("connection closed"),
+        _ => {}
+    }
+    let message = info.message();
+    const READ_ONLY: &[&str] = &[
+        "read-only transaction",
+        "running with the --read-only option",
+        "running with the --super-read-only option",
+    ];
+    const GONE: &[&str] = &[
+        "terminating connection",
+        "the database system is shutting down",
+        "the database system is starting up",
+        "the database system is in recovery mode",
+        "the database system is not yet accepting connections",
+        "server closed the connection unexpectedly",
+        "no connection to the server",
+        "could not receive data from server",
+        "could not send data to server",
+        "SSL SYSCALL error",
+        "server has gone away",
+        "Lost connection to",
+        "Can't connect to",
+    ];
+    const STALE_STATEMENT: &[&str] = &["prepared statement \"__diesel_stmt_"];
+    if READ_ONLY.iter().any(|m| message.contains(m)) {
+        Some("read-only")
+    } else if GONE.iter().any(|m| message.contains(m)) {
+        Some("connection lost")
+    } else if STALE_STATEMENT.iter().any(|m| message.contains(m)) {
+        Some("prepared statement lost")
+    } else {
+        None
+    }
+}
+
+/// Whether `error` says the connection itself broke (so a `COMMIT` that
+/// failed with it may have been applied).
+pub(crate) fn connection_broke(error: &diesel::result::Error) -> bool {
+    failover_error(error) == Some("connection lost")
+        || failover_error(error) == Some("connection closed")
 }
 
 #[cfg(test)]

@@ -15,12 +15,74 @@ use crate::echo::{Lost, Retire, SqlEcho};
 use crate::error::Error;
 use crate::url::DatabaseUrl;
 
+/// What an engine's connections are for: a read-write engine (the
+/// default) retires a connection whose server turned read-only (a demoted
+/// primary, a standby, `default_transaction_read_only`); a read-only
+/// engine takes any node ([`EngineOptions::read_only`](crate::EngineOptions::read_only),
+/// or a PostgreSQL URL with `target_session_attrs=read-only`, `standby` or
+/// `prefer-standby`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// Writes and reads: the node must accept writes.
+    ReadWrite,
+    /// Reads only: any node that answers will do.
+    ReadOnly,
+}
+
+/// Where a connection's server keeps the statement timeout the engine sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TimeoutScope {
+    /// The server has none (SQLite): deadlines are the client's alone.
+    None,
+    /// Set per session and kept until changed (MySQL/MariaDB
+    /// `max_statement_time`): the engine sets it only when it changes.
+    Session,
+    /// Set inside each transaction and gone at its end (PostgreSQL
+    /// `SET LOCAL statement_timeout`): nothing outlives the transaction, so
+    /// nothing leaks to another client through a pooler such as PgBouncer.
+    Transaction,
+}
+
+/// An opaque position in a primary's write stream (PostgreSQL: a WAL LSN),
+/// taken after a commit: a read on a replica that has replayed up to it
+/// sees that commit ([`Replicated`](crate::Replicated)).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WritePosition(pub(crate) Option<String>);
+
+impl WritePosition {
+    /// A position no replica can be shown to have reached: reads after it
+    /// go to the primary.
+    pub fn unknown() -> Self {
+        WritePosition(None)
+    }
+
+    /// The server's own text for it (PostgreSQL: `0/3000148`), if known.
+    pub fn as_str(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+}
+
 /// A synchronous Diesel connection the engine can pool.
 ///
 /// Implemented here for `SqliteConnection`, `PgConnection` and
-/// `MysqlConnection` (each behind its cargo feature); implement it for your
-/// own `#[derive(MultiConnection)]` type (the defaults need only an empty
-/// `impl`; forward to the inner connection's impl to keep its settings).
+/// `MysqlConnection` (each behind its cargo feature). For a type of your
+/// own that wraps or selects between these (a `#[derive(MultiConnection)]`
+/// enum), use [`forward_poolable_connection!`](crate::forward_poolable_connection),
+/// which forwards every method to the inner connection: an empty `impl`
+/// compiles, but keeps only the defaults below, which give none of the
+/// per-backend guarantees. What each method gives:
+///
+/// | method | default | what the built-in impls give |
+/// |---|---|---|
+/// | [`connect`](Self::connect) | `establish` | SQLite: WAL, busy handler, foreign keys |
+/// | [`begin_outer_transaction`](Self::begin_outer_transaction) | `BEGIN` | SQLite: `BEGIN IMMEDIATE` (no upgrade deadlocks) |
+/// | [`begin_with_statement_timeout`](Self::begin_with_statement_timeout) | `BEGIN`, then [`set_statement_timeout`](Self::set_statement_timeout) | PostgreSQL: `BEGIN; SET LOCAL statement_timeout` in one round trip |
+/// | [`ping`](Self::ping) | `SELECT 1` | |
+/// | [`ready`](Self::ready) | [`ping`](Self::ping) | PostgreSQL: refuses a read-only node for a read-write engine; MariaDB: a Galera node not `wsrep_ready` |
+/// | [`canceller`](Self::canceller) | none: a cancelled statement runs to its end | `pg_cancel_backend`, `KILL QUERY`, `sqlite3_interrupt` |
+/// | [`timeout_scope`](Self::timeout_scope) | [`TimeoutScope::None`]: deadlines are client-side only | PostgreSQL per transaction, MySQL per session |
+/// | [`set_statement_timeout`](Self::set_statement_timeout) | nothing | `SET LOCAL statement_timeout`, `max_statement_time` |
+/// | [`write_position`](Self::write_position), [`has_replayed`](Self::has_replayed) | unknown: reads after a write go to the primary | PostgreSQL: WAL LSNs |
 pub trait PoolableConnection: Connection + Send + 'static {
     /// Opens a connection to `url` and applies per-connection settings.
     fn connect(url: &DatabaseUrl) -> Result<Self, ConnectionError> {
@@ -32,18 +94,34 @@ pub trait PoolableConnection: Connection + Send + 'static {
         <Self::TransactionManager as TransactionManager<Self>>::begin_transaction(self)
     }
 
+    /// Begins the outermost transaction with a server-side statement
+    /// timeout for it; called instead of
+    /// [`begin_outer_transaction`](Self::begin_outer_transaction) when the
+    /// connection's [`timeout_scope`](Self::timeout_scope) is
+    /// [`TimeoutScope::Transaction`] and a deadline is set.
+    fn begin_with_statement_timeout(&mut self, timeout: Duration) -> QueryResult<()> {
+        self.begin_outer_transaction()?;
+        self.set_statement_timeout(Some(timeout))
+    }
+
     /// A cheap round trip that fails when the server has gone away.
     fn ping(&mut self) -> QueryResult<()> {
         self.batch_execute("SELECT 1")
     }
 
-    /// Whether this connection's server takes work: asked of each new
-    /// connection of an engine over several nodes (a `mysql://` URL with
-    /// several hosts), which goes on to the next node when it fails. The
-    /// default says yes; MySQL/MariaDB says no for a Galera node that is
-    /// not `wsrep_ready` (outside the primary component, or still joining).
-    fn ready(&mut self) -> QueryResult<()> {
-        Ok(())
+    /// Whether this connection's server takes the work of an engine of
+    /// this `access`: asked of each new connection, and at checkout of one
+    /// idle longer than [`ping_after`](crate::EngineOptions::ping_after)
+    /// (so keep it one cheap round trip). An engine over several nodes (a
+    /// `mysql://` URL with several hosts) goes on to the next node when it
+    /// fails. The default is [`ping`](Self::ping). PostgreSQL says no to a
+    /// read-write engine on a read-only node (`transaction_read_only`: a
+    /// standby, or `default_transaction_read_only`); MySQL/MariaDB says no
+    /// for a Galera node that is not `wsrep_ready` (outside the primary
+    /// component, or still joining) where wsrep is on.
+    fn ready(&mut self, access: Access) -> QueryResult<()> {
+        let _ = access;
+        self.ping()
     }
 
     /// A handle that stops, from another thread, the statement this
@@ -57,35 +135,222 @@ pub trait PoolableConnection: Connection + Send + 'static {
         None
     }
 
+    /// Where this connection's server keeps the statement timeout
+    /// [`set_statement_timeout`](Self::set_statement_timeout) sets.
+    fn timeout_scope(&self) -> TimeoutScope {
+        TimeoutScope::None
+    }
+
     /// Makes the server stop any statement of this connection that runs
-    /// longer than `timeout` (`None`: the server's own default), until
-    /// changed. The engine calls it when the deadline it wants differs from
-    /// the one last set; the client-side deadline applies either way. The
-    /// default does nothing (SQLite has no server).
+    /// longer than `timeout` (`None`: the server's own default): for the
+    /// session ([`TimeoutScope::Session`]) or for the open transaction
+    /// ([`TimeoutScope::Transaction`]). The client-side deadline applies
+    /// either way. The default does nothing (SQLite has no server).
     fn set_statement_timeout(&mut self, timeout: Option<Duration>) -> QueryResult<()> {
         let _ = timeout;
         Ok(())
     }
+
+    /// The server's write position now, outside any transaction, for
+    /// read-your-writes on replicas; [`WritePosition::unknown`] (the
+    /// default) sends later reads to the primary.
+    fn write_position(&mut self) -> QueryResult<WritePosition> {
+        Ok(WritePosition::unknown())
+    }
+
+    /// Whether this connection's server has applied everything up to
+    /// `position` (a standby that replayed it, or the primary itself). The
+    /// default says no, so reads go to the primary.
+    fn has_replayed(&mut self, position: &WritePosition) -> QueryResult<bool> {
+        let _ = position;
+        Ok(false)
+    }
 }
 
-/// `pg_cancel_backend` from a side connection; `SET statement_timeout`.
+/// Forwards every [`PoolableConnection`] method of an enum of connections
+/// (a `#[derive(MultiConnection)]` type) to the connection each variant
+/// holds, so it keeps every guarantee of the inner connections' impls:
+/// their set-up, server-side cancel and timeouts, readiness checks and
+/// replica positions. `connect` opens the variant the URL's backend names.
+///
+/// ```ignore
+/// #[derive(diesel::MultiConnection)]
+/// pub enum AnyConnection {
+///     Postgresql(diesel::PgConnection),
+///     Sqlite(diesel::SqliteConnection),
+/// }
+///
+/// diesel_runsync::forward_poolable_connection! {
+///     AnyConnection {
+///         Postgres => Postgresql(diesel::PgConnection),
+///         Sqlite => Sqlite(diesel::SqliteConnection),
+///     }
+/// }
+/// ```
+///
+/// Each line maps a [`Backend`](crate::Backend) to the variant that serves
+/// it. A URL of a backend without a line fails to connect, saying so.
+#[macro_export]
+macro_rules! forward_poolable_connection {
+    ($ty:ident { $($(#[$attr:meta])* $backend:ident => $variant:ident($conn:ty)),+ $(,)? }) => {
+        impl $crate::PoolableConnection for $ty {
+            fn connect(
+                url: &$crate::DatabaseUrl,
+            ) -> ::std::result::Result<Self, ::diesel::result::ConnectionError> {
+                match url.backend() {
+                    $($(#[$attr])* $crate::Backend::$backend => {
+                        <$conn as $crate::PoolableConnection>::connect(url).map($ty::$variant)
+                    })+
+                    #[allow(unreachable_patterns)]
+                    other => ::std::result::Result::Err(
+                        ::diesel::result::ConnectionError::InvalidConnectionUrl(::std::format!(
+                            "this build has no {other} support; rebuild with its cargo feature"
+                        )),
+                    ),
+                }
+            }
+            fn begin_outer_transaction(&mut self) -> ::diesel::QueryResult<()> {
+                match self { $($(#[$attr])* $ty::$variant(c) => $crate::PoolableConnection::begin_outer_transaction(c),)+ }
+            }
+            fn begin_with_statement_timeout(
+                &mut self,
+                timeout: ::std::time::Duration,
+            ) -> ::diesel::QueryResult<()> {
+                match self { $($(#[$attr])* $ty::$variant(c) => $crate::PoolableConnection::begin_with_statement_timeout(c, timeout),)+ }
+            }
+            fn ping(&mut self) -> ::diesel::QueryResult<()> {
+                match self { $($(#[$attr])* $ty::$variant(c) => $crate::PoolableConnection::ping(c),)+ }
+            }
+            fn ready(&mut self, access: $crate::Access) -> ::diesel::QueryResult<()> {
+                match self { $($(#[$attr])* $ty::$variant(c) => $crate::PoolableConnection::ready(c, access),)+ }
+            }
+            fn canceller(&mut self, url: &$crate::DatabaseUrl) -> ::std::option::Option<$crate::Canceller> {
+                match self { $($(#[$attr])* $ty::$variant(c) => $crate::PoolableConnection::canceller(c, url),)+ }
+            }
+            fn timeout_scope(&self) -> $crate::TimeoutScope {
+                match self { $($(#[$attr])* $ty::$variant(c) => $crate::PoolableConnection::timeout_scope(c),)+ }
+            }
+            fn set_statement_timeout(
+                &mut self,
+                timeout: ::std::option::Option<::std::time::Duration>,
+            ) -> ::diesel::QueryResult<()> {
+                match self { $($(#[$attr])* $ty::$variant(c) => $crate::PoolableConnection::set_statement_timeout(c, timeout),)+ }
+            }
+            fn write_position(&mut self) -> ::diesel::QueryResult<$crate::WritePosition> {
+                match self { $($(#[$attr])* $ty::$variant(c) => $crate::PoolableConnection::write_position(c),)+ }
+            }
+            fn has_replayed(&mut self, position: &$crate::WritePosition) -> ::diesel::QueryResult<bool> {
+                match self { $($(#[$attr])* $ty::$variant(c) => $crate::PoolableConnection::has_replayed(c, position),)+ }
+            }
+        }
+    };
+}
+
+/// `pg_cancel_backend` from a side connection (checked against the
+/// backend's start time, refused behind a pooler); `SET LOCAL
+/// statement_timeout` in each transaction; read-only nodes refused for
+/// read-write engines; WAL positions for read-your-writes.
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 impl PoolableConnection for diesel::PgConnection {
+    /// Behind a transaction-mode pooler (the URL's `pgbouncer=true`, or
+    /// [`EngineOptions::transaction_pooler`](crate::EngineOptions::transaction_pooler)),
+    /// Diesel's prepared statement cache is off: its named statements
+    /// would be another client's, or gone, on the next server connection.
+    fn connect(url: &DatabaseUrl) -> Result<Self, ConnectionError> {
+        let mut conn = Self::establish(url.expose())?;
+        if url.transaction_pooler() == Some(true) {
+            conn.set_prepared_statement_cache_size(diesel::connection::CacheSize::Disabled);
+        }
+        Ok(conn)
+    }
+
+    fn begin_with_statement_timeout(&mut self, timeout: Duration) -> QueryResult<()> {
+        diesel::connection::AnsiTransactionManager::begin_transaction_sql(
+            self,
+            &format!(
+                "BEGIN; SET LOCAL statement_timeout = {}",
+                pg_millis(timeout)
+            ),
+        )
+    }
+
+    fn ready(&mut self, access: Access) -> QueryResult<()> {
+        if access == Access::ReadOnly {
+            return self.ping();
+        }
+        let read_only: String = diesel::RunQueryDsl::get_result(
+            diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>(
+                "current_setting('transaction_read_only')",
+            )),
+            self,
+        )?;
+        if read_only == "on" {
+            return Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::ReadOnlyTransaction,
+                Box::new(NOT_WRITABLE.to_owned()),
+            ));
+        }
+        Ok(())
+    }
+
     fn canceller(&mut self, url: &DatabaseUrl) -> Option<Canceller> {
         crate::cancel::postgres(self, url)
     }
 
+    fn timeout_scope(&self) -> TimeoutScope {
+        TimeoutScope::Transaction
+    }
+
     fn set_statement_timeout(&mut self, timeout: Option<Duration>) -> QueryResult<()> {
         match timeout {
-            // 0 would mean no limit: at least one millisecond.
-            Some(t) => self.batch_execute(&format!(
-                "SET statement_timeout = {}",
-                t.as_millis().clamp(1, i32::MAX as u128)
-            )),
-            None => self.batch_execute("SET statement_timeout TO DEFAULT"),
+            Some(t) => {
+                self.batch_execute(&format!("SET LOCAL statement_timeout = {}", pg_millis(t)))
+            }
+            None => self.batch_execute("SET LOCAL statement_timeout TO DEFAULT"),
         }
     }
+
+    fn write_position(&mut self) -> QueryResult<WritePosition> {
+        diesel::RunQueryDsl::get_result::<String>(
+            diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>(
+                "CAST(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                 ELSE pg_current_wal_lsn() END AS text)",
+            )),
+            self,
+        )
+        .map(|lsn| WritePosition(Some(lsn)))
+    }
+
+    fn has_replayed(&mut self, position: &WritePosition) -> QueryResult<bool> {
+        let Some(lsn) = position.as_str() else {
+            return Ok(false);
+        };
+        diesel::RunQueryDsl::get_result(
+            diesel::select(
+                diesel::dsl::sql::<diesel::sql_types::Bool>(
+                    "CASE WHEN pg_is_in_recovery() THEN \
+                     COALESCE(pg_last_wal_replay_lsn() >= CAST(",
+                )
+                .bind::<diesel::sql_types::Text, _>(lsn.to_owned())
+                .sql(" AS pg_lsn), FALSE) ELSE TRUE END"),
+            ),
+            self,
+        )
+    }
+}
+
+/// What a read-write engine's connection to a read-only PostgreSQL node reports.
+pub(crate) const NOT_WRITABLE: &str = "this server is read-only (a standby, a demoted primary or \
+     default_transaction_read_only = on); a read-write engine opens its connections on a writable \
+     node: list every node in the URL with target_session_attrs=read-write, or use a read-only \
+     engine (EngineOptions::read_only) for reads";
+
+/// A PostgreSQL `statement_timeout` value: milliseconds, at least 1 (0
+/// would mean no limit).
+#[cfg(feature = "postgres")]
+fn pg_millis(timeout: Duration) -> u128 {
+    timeout.as_millis().clamp(1, i32::MAX as u128)
 }
 
 /// `KILL QUERY` from a side connection; MariaDB's `max_statement_time`
@@ -93,35 +358,16 @@ impl PoolableConnection for diesel::PgConnection {
 #[cfg(feature = "mysql")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
 impl PoolableConnection for diesel::MysqlConnection {
-    fn ready(&mut self) -> QueryResult<()> {
-        #[derive(diesel::QueryableByName)]
-        struct Ready {
-            #[diesel(sql_type = diesel::sql_types::Text)]
-            value: String,
-        }
-        let ready: Option<Ready> = diesel::RunQueryDsl::get_result(
-            diesel::sql_query(
-                "SELECT VARIABLE_VALUE AS value FROM information_schema.GLOBAL_STATUS \
-                 WHERE VARIABLE_NAME = 'WSREP_READY'",
-            ),
-            self,
-        )
-        .map(Some)
-        .or_else(|e| match e {
-            diesel::result::Error::NotFound => Ok(None),
-            e => Err(e),
-        })?;
-        match ready {
-            Some(r) if r.value != "ON" => Err(diesel::result::Error::DatabaseError(
-                diesel::result::DatabaseErrorKind::Unknown,
-                Box::new("this Galera node is not ready (wsrep_ready is OFF)".to_owned()),
-            )),
-            _ => Ok(()),
-        }
+    fn ready(&mut self, _access: Access) -> QueryResult<()> {
+        mysql_ready(self)
     }
 
     fn canceller(&mut self, url: &DatabaseUrl) -> Option<Canceller> {
         crate::cancel::mysql(self, url)
+    }
+
+    fn timeout_scope(&self) -> TimeoutScope {
+        TimeoutScope::Session
     }
 
     fn set_statement_timeout(&mut self, timeout: Option<Duration>) -> QueryResult<()> {
@@ -135,6 +381,35 @@ impl PoolableConnection for diesel::MysqlConnection {
         // MariaDB first; MySQL has no max_statement_time ("unknown system variable").
         self.batch_execute(&format!("SET SESSION max_statement_time = {mariadb}"))
             .or_else(|_| self.batch_execute(&format!("SET SESSION MAX_EXECUTION_TIME = {mysql}")))
+    }
+}
+
+/// A MariaDB Galera node that is not `wsrep_ready` says no.
+#[cfg(feature = "mysql")]
+fn mysql_ready(conn: &mut diesel::MysqlConnection) -> QueryResult<()> {
+    #[derive(diesel::QueryableByName)]
+    struct Ready {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        value: String,
+    }
+    let ready: Option<Ready> = diesel::RunQueryDsl::get_result(
+        diesel::sql_query(
+            "SELECT VARIABLE_VALUE AS value FROM information_schema.GLOBAL_STATUS \
+             WHERE VARIABLE_NAME = 'WSREP_READY'",
+        ),
+        conn,
+    )
+    .map(Some)
+    .or_else(|e| match e {
+        diesel::result::Error::NotFound => Ok(None),
+        e => Err(e),
+    })?;
+    match ready {
+        Some(r) if r.value != "ON" => Err(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::Unknown,
+            Box::new("this Galera node is not ready (wsrep_ready is OFF)".to_owned()),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -191,12 +466,12 @@ pub(crate) struct Slot<C> {
     pub(crate) conn: Option<C>,
     pub(crate) last_used: Instant,
     pub(crate) canceller: Option<Canceller>,
-    /// The statement timeout in force on the server (`Some(None)`: the
-    /// server's default), or `None` when unknown.
-    server_timeout: Option<Option<Duration>>,
-    /// A timeout was set inside the current transaction: a rollback undoes
-    /// it on PostgreSQL, so once that transaction is over it is unknown.
-    timeout_set_in_transaction: bool,
+    /// [`TimeoutScope::Session`]: the statement timeout in force on the
+    /// server (`Some(None)`: the server's default), or `None` when unknown.
+    session_timeout: Option<Option<Duration>>,
+    /// [`TimeoutScope::Transaction`]: the timeout set for the open
+    /// transaction (`None`: the server's default).
+    transaction_timeout: Option<Duration>,
     /// A statement that lost the open transaction (kept by [`SqlEcho`]).
     lost: Lost,
     /// Never reuse the connection: a MySQL statement was interrupted, or
@@ -293,26 +568,64 @@ impl<C: PoolableConnection> Slot<C> {
         self.conn = None;
     }
 
-    /// Makes the server enforce `timeout` on the statements about to run,
-    /// if it does not already. `in_transaction`: a transaction is open (a
-    /// `SET` inside one is undone if it rolls back, on PostgreSQL).
-    pub(crate) fn apply_statement_timeout(
+    /// Begins the transaction if `needs_begin`, and makes the server
+    /// enforce `timeout` on the statements about to run (as the
+    /// connection's [`TimeoutScope`] allows), with as few round trips as it
+    /// can: PostgreSQL sends `BEGIN; SET LOCAL statement_timeout` as one.
+    pub(crate) fn begin_and_limit(
         &mut self,
         timeout: Option<Duration>,
-        in_transaction: bool,
+        needs_begin: bool,
     ) -> QueryResult<()> {
-        if !in_transaction && self.timeout_set_in_transaction {
-            self.timeout_set_in_transaction = false;
-            self.server_timeout = None;
+        let conn = self
+            .conn
+            .as_mut()
+            .expect("a pooled slot holds its connection");
+        match conn.timeout_scope() {
+            TimeoutScope::None if needs_begin => conn.begin_outer_transaction(),
+            TimeoutScope::None => Ok(()),
+            TimeoutScope::Session => {
+                if self.session_timeout != Some(timeout) {
+                    self.session_timeout = None;
+                    conn.set_statement_timeout(timeout)?;
+                    self.session_timeout = Some(timeout);
+                }
+                if needs_begin {
+                    conn.begin_outer_transaction()?;
+                }
+                Ok(())
+            }
+            TimeoutScope::Transaction if needs_begin => {
+                match timeout {
+                    Some(limit) => conn.begin_with_statement_timeout(limit)?,
+                    None => conn.begin_outer_transaction()?,
+                }
+                self.transaction_timeout = timeout;
+                Ok(())
+            }
+            TimeoutScope::Transaction => {
+                if self.transaction_timeout != timeout {
+                    conn.set_statement_timeout(timeout)?;
+                    self.transaction_timeout = timeout;
+                }
+                Ok(())
+            }
         }
-        if self.server_timeout == Some(timeout) {
-            return Ok(());
+    }
+
+    /// An empty slot, left in the pool's handle while a blocking task owns
+    /// the real one: if the caller gives up on that task, the pool discards
+    /// this one and opens a replacement.
+    pub(crate) fn vacant() -> Self {
+        Slot {
+            conn: None,
+            last_used: Instant::now(),
+            canceller: None,
+            session_timeout: None,
+            transaction_timeout: None,
+            lost: Lost::default(),
+            retire: Retire::default(),
         }
-        self.server_timeout = None;
-        self.conn_mut().set_statement_timeout(timeout)?;
-        self.server_timeout = Some(timeout);
-        self.timeout_set_in_transaction = in_transaction;
-        Ok(())
     }
 }
 
@@ -362,7 +675,49 @@ pub(crate) struct Manager<C> {
     pub(crate) ping_after: Duration,
     /// The engine's default statement timeout, set on every new connection.
     pub(crate) statement_timeout: Option<Duration>,
+    /// What the engine's connections are for (read-write nodes only, or any).
+    pub(crate) access: Access,
+    /// Failed connects back off: see [`ConnectBackoff`].
+    pub(crate) backoff: std::sync::Mutex<ConnectBackoff>,
     pub(crate) _conn: std::marker::PhantomData<fn() -> C>,
+}
+
+/// After a failed connect, the next attempt waits: 50 ms, doubling to at
+/// most [`MAX_CONNECT_BACKOFF`], each jittered between half and all of it.
+/// Until then a checkout that needs a new connection fails at once with
+/// the last connect error (retryable), so a client hammering a failing
+/// server opens a few connections a second, not hundreds.
+#[derive(Debug, Default)]
+pub(crate) struct ConnectBackoff {
+    failures: u32,
+    retry_at: Option<Instant>,
+    last: Option<(String, String)>,
+}
+
+/// The longest wait between two failed connects.
+pub const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(2);
+
+impl ConnectBackoff {
+    /// The last error, if a connect must not be tried yet.
+    fn holds(&self) -> Option<Error> {
+        let (url, message) = self.last.clone()?;
+        (Instant::now() < self.retry_at?).then_some(Error::Connect { url, message })
+    }
+
+    fn failed(&mut self, error: &Error) {
+        self.failures = self.failures.saturating_add(1);
+        let exponential = Duration::from_millis(50)
+            .saturating_mul(1 << self.failures.saturating_sub(1).min(10))
+            .min(MAX_CONNECT_BACKOFF);
+        self.retry_at = Some(Instant::now() + crate::retry::jitter(exponential));
+        if let Error::Connect { url, message } = error {
+            self.last = Some((url.clone(), message.clone()));
+        }
+    }
+
+    fn succeeded(&mut self) {
+        *self = ConnectBackoff::default();
+    }
 }
 
 impl<C: PoolableConnection> Manager<C> {
@@ -390,9 +745,18 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
     /// Opens a connection on the next node in turn; when it does not
     /// answer, on the following ones (a node that went away is skipped).
     async fn connect(&self) -> Result<Slot<C>, Error> {
+        if let Some(last) = self
+            .backoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .holds()
+        {
+            return Err(last);
+        }
         let first = self.next_host.fetch_add(1, Ordering::Relaxed);
         let hosts = self.hosts.clone();
         let echo = self.echo;
+        let access = self.access;
         let user_instrumentation = self.user_instrumentation.clone();
         let timeout = self.statement_timeout;
         let opened = tokio::task::spawn_blocking(move || {
@@ -401,10 +765,8 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
             for i in 0..hosts.len() {
                 let url = &hosts[(first + i) % hosts.len()];
                 let ready = C::connect(url).and_then(|mut conn| {
-                    if hosts.len() > 1 {
-                        conn.ready()
-                            .map_err(ConnectionError::CouldntSetupConfiguration)?;
-                    }
+                    conn.ready(access)
+                        .map_err(ConnectionError::CouldntSetupConfiguration)?;
                     Ok(conn)
                 });
                 match ready {
@@ -413,7 +775,11 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
                         break;
                     }
                     Err(e) => {
-                        tracing::debug!(target: crate::echo::SQL_TARGET, "{url}: {e}");
+                        tracing::debug!(
+                            target: crate::echo::SQL_TARGET,
+                            "{url}: {}",
+                            url.scrub(&e.to_string())
+                        );
                         failed = Some(e);
                     }
                 }
@@ -424,31 +790,33 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
                 )));
             };
             let canceller = conn.canceller(&url);
-            let mut slot = Slot {
-                conn: None,
-                last_used: Instant::now(),
-                canceller,
-                server_timeout: Some(None),
-                timeout_set_in_transaction: false,
-                lost: Lost::default(),
-                retire: Retire::default(),
-            };
-            if timeout.is_some() {
+            let mut slot = Slot::vacant();
+            slot.canceller = canceller;
+            slot.session_timeout = Some(None);
+            if timeout.is_some() && conn.timeout_scope() == TimeoutScope::Session {
                 conn.set_statement_timeout(timeout)
                     .map_err(ConnectionError::CouldntSetupConfiguration)?;
-                slot.server_timeout = Some(timeout);
+                slot.session_timeout = Some(timeout);
             }
             conn.set_instrumentation(
-                SqlEcho::new(echo, url.backend(), slot.lost.clone(), slot.retire.clone())
-                    .then(user_instrumentation.as_ref().map(|make| make.make())),
+                SqlEcho::new(
+                    echo,
+                    url.backend(),
+                    access,
+                    slot.lost.clone(),
+                    slot.retire.clone(),
+                )
+                .then(user_instrumentation.as_ref().map(|make| make.make())),
             );
             slot.conn = Some(conn);
             Ok::<_, ConnectionError>(slot)
         })
         .await
         .map_err(|_| Error::RuntimeShutdown)?;
+        let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
         match opened {
             Ok(slot) => {
+                backoff.succeeded();
                 if self.echo {
                     tracing::info!(target: crate::echo::SQL_TARGET, "connected to {}", self.url);
                 } else {
@@ -458,6 +826,7 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
             }
             Err(e) => {
                 let error = self.connect_error(&e);
+                backoff.failed(&error);
                 tracing::warn!(target: crate::echo::SQL_TARGET, "{error}");
                 Err(error)
             }
@@ -469,8 +838,9 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
             return Ok(());
         }
         let mut conn = slot.conn.take().ok_or(Error::ConnectionLost)?;
+        let access = self.access;
         let (conn, pinged) = tokio::task::spawn_blocking(move || {
-            let pinged = conn.ping();
+            let pinged = conn.ready(access);
             (conn, pinged)
         })
         .await

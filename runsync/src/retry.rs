@@ -24,7 +24,18 @@ pub struct RetryPolicy {
     pub base_delay: Duration,
     /// Upper bound of the backoff.
     pub max_delay: Duration,
+    /// How long failovers are ridden through ([`Retryable::is_failover`]:
+    /// failed connects, broken or terminated connections, a node turned
+    /// read-only, before `COMMIT` was sent): such failures are retried,
+    /// whatever `max_attempts` says, until this long after the first one,
+    /// with a backoff of at least [`FAILOVER_MIN_DELAY`]. Zero turns it
+    /// off (they then count as attempts like any retryable error).
+    pub failover_window: Duration,
 }
+
+/// The shortest backoff after a failover error (a failed connect waits for
+/// the engine's connect backoff anyway).
+pub const FAILOVER_MIN_DELAY: Duration = Duration::from_millis(50);
 
 impl Default for RetryPolicy {
     fn default() -> Self {
@@ -32,6 +43,7 @@ impl Default for RetryPolicy {
             max_attempts: 10,
             base_delay: Duration::from_millis(2),
             max_delay: Duration::from_millis(200),
+            failover_window: Duration::from_secs(30),
         }
     }
 }
@@ -51,6 +63,14 @@ impl RetryPolicy {
         self
     }
 
+    /// Sets [`failover_window`](Self::failover_window): how long failovers
+    /// are retried through.
+    #[must_use]
+    pub fn failover_window(mut self, window: Duration) -> Self {
+        self.failover_window = window;
+        self
+    }
+
     /// Sets [`max_delay`](Self::max_delay): the upper bound of the backoff.
     #[must_use]
     pub fn max_delay(mut self, delay: Duration) -> Self {
@@ -65,12 +85,17 @@ impl RetryPolicy {
             .base_delay
             .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
             .min(self.max_delay);
-        let random = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
-        let fraction = 0.5 + (random % 1_000) as f64 / 2_000.0;
-        exponential.mul_f64(fraction)
+        jitter(exponential)
     }
+}
+
+/// Uniformly between half and all of `delay`.
+pub(crate) fn jitter(delay: Duration) -> Duration {
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let fraction = 0.5 + (random % 1_000) as f64 / 2_000.0;
+    delay.mul_f64(fraction)
 }
 
 /// A result and the number of attempts it took.
@@ -106,14 +131,35 @@ impl<C: PoolableConnection> Engine<C> {
     {
         let f = Arc::new(f);
         let mut attempts = 0;
+        // Attempts that count against `max_attempts` (failovers within the
+        // window do not), and when the first failover error was seen.
+        let mut counted = 0;
+        let mut failover_since: Option<std::time::Instant> = None;
         loop {
             attempts += 1;
             let attempt_f = f.clone();
             match self.transaction(move |conn| attempt_f(conn)).await {
                 Ok(value) => return Ok(Retried { value, attempts }),
-                Err(e) if e.is_retryable() && attempts < policy.max_attempts.max(1) => {
-                    tracing::debug!("attempt {attempts} failed, retrying: {e}");
-                    tokio::time::sleep(policy.backoff(attempts)).await;
+                Err(e) if e.is_retryable() => {
+                    let riding = e.is_failover()
+                        && !policy.failover_window.is_zero()
+                        && failover_since
+                            .get_or_insert_with(std::time::Instant::now)
+                            .elapsed()
+                            < policy.failover_window;
+                    if !riding {
+                        counted += 1;
+                        if counted >= policy.max_attempts.max(1) {
+                            return Err(e);
+                        }
+                    }
+                    let delay = if riding {
+                        policy.backoff(attempts).max(FAILOVER_MIN_DELAY)
+                    } else {
+                        policy.backoff(counted)
+                    };
+                    tracing::debug!("attempt {attempts} failed, retrying in {delay:?}: {e}");
+                    tokio::time::sleep(delay).await;
                 }
                 Err(e) => return Err(e),
             }

@@ -30,12 +30,11 @@
 //!   the session's is left open on the server.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use diesel::connection::TransactionManager;
-use diesel::result::QueryResult;
 use tokio::sync::Notify;
 
 use crate::cancel::{Canceller, OpWatch, Reason};
@@ -75,8 +74,9 @@ pub struct AsyncSession<C: PoolableConnection> {
     /// Set by a [`transaction`](Self::transaction) scope whose future was dropped.
     scope_cancelled: Option<Arc<AtomicBool>>,
     /// The blocking operation last started, until it completes in this
-    /// session; if its future was dropped, `rollback()` waits for it.
-    in_flight: Option<Arc<InFlight>>,
+    /// session; if its future was dropped, `rollback()` waits for it (at
+    /// most [`ROLLBACK_WAIT`]), then gives its connection up.
+    in_flight: Option<(Arc<InFlight>, Weak<Home<C>>)>,
     /// The deadline of each `run_sync` call, unless one is given per call.
     statement_timeout: Option<Duration>,
 }
@@ -113,6 +113,9 @@ enum Step<R, E> {
 struct InFlight {
     /// Whether and why it was cancelled, and the cancel of its statement.
     watch: Arc<OpWatch>,
+    /// Set just before the engine sends `COMMIT`: from then on, a caller
+    /// that gives up cannot say whether the transaction was committed.
+    committing: AtomicBool,
     /// Set once the operation's connection is back in the pool (or closed).
     done: AtomicBool,
     finished: Notify,
@@ -122,6 +125,7 @@ impl InFlight {
     fn new(canceller: Option<Canceller>) -> Self {
         InFlight {
             watch: OpWatch::new(canceller),
+            committing: AtomicBool::new(false),
             done: AtomicBool::new(false),
             finished: Notify::new(),
         }
@@ -140,6 +144,27 @@ impl InFlight {
         }
     }
 }
+
+/// Where an operation's connection goes back to: the pool's handle, whose
+/// slot the blocking task took. The task puts the slot back when it is
+/// done; a caller that gives up on the task (see [`ABANDON_AFTER`]) takes
+/// the handle away first, so the pool discards the empty slot and opens a
+/// replacement, and the task closes the connection when it finally returns.
+type Home<C> = Mutex<Option<Pooled<C>>>;
+
+/// How long a call waits, once its deadline has passed and its statement
+/// was cancelled, for the blocking task to give the connection back. After
+/// that it returns [`Error::Timeout`] (or [`Error::CommitOutcomeUnknown`]
+/// if `COMMIT` was on its way) and gives the connection up: a server that
+/// never answers (a hung host, a dead network path) cannot hold a caller
+/// past its deadline by more than this. The given-up connection never
+/// returns to the pool; its transaction is never committed.
+pub const ABANDON_AFTER: Duration = Duration::from_millis(250);
+
+/// How long [`AsyncSession::rollback`] (and the session's `commit` or
+/// `rollback` after its deadline) waits for an operation whose future was
+/// dropped to give its connection back, before giving it up.
+pub const ROLLBACK_WAIT: Duration = Duration::from_secs(2);
 
 /// Travels with the connection out of the blocking task and, dropped after
 /// it, tells a waiting [`AsyncSession::rollback`] that the operation is over:
@@ -207,13 +232,34 @@ impl<C: PoolableConnection> AsyncSession<C> {
         }
     }
 
-    /// Registers a blocking operation: the flag to drop with the awaiting
-    /// future and the signal to send back with the connection. With a
-    /// `canceller`, a cancel stops the statement of the user's closure.
-    fn start_operation(&mut self, canceller: Option<Canceller>) -> (CancelFlag, DoneSignal) {
+    /// Registers a stream's blocking producer, which keeps its pool handle
+    /// (a stream has no deadline to give it up at): the flag to drop with
+    /// the stream and the signal to send back with the connection.
+    fn start_stream_operation(&mut self, canceller: Option<Canceller>) -> (CancelFlag, DoneSignal) {
         let op = Arc::new(InFlight::new(canceller));
-        self.in_flight = Some(op.clone());
+        self.in_flight = Some((op.clone(), Weak::new()));
         (CancelFlag(op.clone(), true), DoneSignal(op))
+    }
+
+    /// Registers a blocking operation on `pooled`: the flag to drop with
+    /// the awaiting future, the signal to send back with the connection,
+    /// the slot for the task, and its [`Home`]. With a `canceller`, a
+    /// cancel stops the statement of the user's closure.
+    fn start_operation(
+        &mut self,
+        mut pooled: Pooled<C>,
+        cancellable: bool,
+    ) -> (CancelFlag, DoneSignal, Slot<C>, Arc<Home<C>>) {
+        let canceller = if cancellable {
+            pooled.canceller.clone()
+        } else {
+            None
+        };
+        let op = Arc::new(InFlight::new(canceller));
+        let slot = std::mem::replace(&mut *pooled, Slot::vacant());
+        let home = Arc::new(Mutex::new(Some(pooled)));
+        self.in_flight = Some((op.clone(), Arc::downgrade(&home)));
+        (CancelFlag(op.clone(), true), DoneSignal(op), slot, home)
     }
 
     /// The engine this session draws connections from.
@@ -326,16 +372,25 @@ impl<C: PoolableConnection> AsyncSession<C> {
         E: From<Error> + Send + 'static,
     {
         self.check_usable()?;
-        let mut pooled = self.take_or_checkout().await?;
+        // The deadline bounds the whole call, the wait for a connection included.
+        let deadline = timeout.map(|limit| (limit, tokio::time::Instant::now() + limit));
+        let pooled = match deadline {
+            Some((limit, at)) => tokio::time::timeout_at(at, self.take_or_checkout())
+                .await
+                .map_err(|_| Error::Timeout(limit))??,
+            None => self.take_or_checkout().await?,
+        };
         let needs_begin = self.state != State::Open;
         self.state = State::InFlight;
-        let (flag, done) = self.start_operation(pooled.canceller.clone());
+        let (flag, done, slot, home) = self.start_operation(pooled, true);
         let watch = done.0.watch.clone();
+        let task_home = home.clone();
         let handle = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let slot = &mut *pooled;
-            let watch = &done.0.watch;
-            let mut step = run_operation(slot, timeout, needs_begin, watch, f);
+            let mut slot = slot;
+            let op = &done.0;
+            let watch = &op.watch;
+            let mut step = run_operation(&mut slot, timeout, needs_begin, watch, f);
             let reason = watch.reason();
             if let Some(limit) = timeout {
                 // The deadline passed (the timer cancelled the statement, or
@@ -354,6 +409,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
                 // Nobody will see the result: the work must not be committed.
                 let _ = rollback_all(slot.conn_mut());
             } else if matches!(step, Step::Done(_)) && commit {
+                op.committing.store(true, Ordering::Release);
                 if let Err(e) = slot.commit() {
                     step = Step::Commit(e);
                 }
@@ -363,26 +419,36 @@ impl<C: PoolableConnection> AsyncSession<C> {
             } else {
                 slot.recover();
             }
-            // Dropped in this order: the connection first, then the signal.
-            (pooled, step, done)
+            go_home(&task_home, slot);
+            drop(task_home);
+            (step, done)
         });
-        let joined = match timeout {
-            None => handle.await,
-            Some(limit) => {
-                let mut handle = handle;
-                tokio::select! {
-                    biased;
-                    joined = &mut handle => joined,
-                    () = tokio::time::sleep(limit) => {
-                        watch.cancel(Reason::Timeout);
-                        handle.await
-                    }
+        let joined = self.join(handle, &watch, deadline.map(|(_, at)| at)).await;
+        flag.disarm();
+        let joined = match joined {
+            Some(joined) => joined,
+            None => {
+                // Given up at the deadline: the connection goes, unreturned.
+                let committing = self.give_up();
+                let limit = timeout.unwrap_or_default();
+                return Err(if committing {
+                    self.state = State::Failed("COMMIT's outcome is unknown".into());
+                    Error::CommitOutcomeUnknown(format!(
+                        "the {limit:?} deadline passed while COMMIT was on its way"
+                    ))
+                } else {
+                    self.state = State::Failed(format!(
+                        "a run_sync call timed out after {limit:?}; its connection was given up"
+                    ));
+                    Error::Timeout(limit)
                 }
+                .into());
             }
         };
-        flag.disarm();
         self.in_flight = None;
-        let (pooled, step, _done) = joined.map_err(|e| self.lost(e))?;
+        let pooled = home.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (step, _done) = joined.map_err(|e| self.lost(e))?;
+        let pooled = pooled.expect("the blocking task put the connection back");
         match step {
             Step::Done(value) if commit => {
                 drop(pooled);
@@ -401,7 +467,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
             }
             Step::Commit(e) => {
                 self.state = State::Failed(format!("COMMIT failed: {e}"));
-                Err(Error::Database(e).into())
+                Err(commit_error(e).into())
             }
             Step::Failed(e) => {
                 self.state = State::Failed("the run_sync closure returned an error".into());
@@ -434,12 +500,56 @@ impl<C: PoolableConnection> AsyncSession<C> {
         }
     }
 
+    /// Waits for an operation's blocking task. With a `deadline`: once it
+    /// passes, cancels the operation and waits at most [`ABANDON_AFTER`]
+    /// more; `None` then means the caller gives the task up.
+    async fn join<T>(
+        &mut self,
+        mut handle: tokio::task::JoinHandle<T>,
+        watch: &Arc<OpWatch>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Option<Result<T, tokio::task::JoinError>> {
+        let Some(at) = deadline else {
+            return Some(handle.await);
+        };
+        tokio::select! {
+            biased;
+            joined = &mut handle => return Some(joined),
+            () = tokio::time::sleep_until(at) => watch.cancel(Reason::Timeout),
+        }
+        tokio::time::timeout(ABANDON_AFTER, handle).await.ok()
+    }
+
+    /// Gives up the operation in flight: takes its connection's pool handle
+    /// away (the pool discards it and opens a replacement; the blocking
+    /// task closes the connection when it returns, so its transaction is
+    /// rolled back by the server and never committed). Returns whether
+    /// `COMMIT` was on its way.
+    fn give_up(&mut self) -> bool {
+        let Some((op, home)) = self.in_flight.take() else {
+            return false;
+        };
+        if let Some(home) = home.upgrade() {
+            drop(home.lock().unwrap_or_else(|e| e.into_inner()).take());
+        }
+        tracing::warn!(
+            "a blocking operation did not return its connection in time; the connection is \
+             given up and will be closed when the operation ends"
+        );
+        self.conn = None;
+        op.committing.load(Ordering::Acquire)
+    }
+
     /// Commits the transaction, if one is open, and returns the connection
     /// to the pool. With no transaction it does nothing.
     ///
     /// Once this future has been polled, the `COMMIT` is on its way: if the
     /// future is then dropped, the transaction is committed whole or not at
     /// all, and the session refuses work until [`rollback`](Self::rollback).
+    /// With a session deadline ([`statement_timeout`](Self::statement_timeout)),
+    /// a `COMMIT` that has not returned by then, or one whose connection
+    /// broke, returns [`Error::CommitOutcomeUnknown`]: whether the server
+    /// committed cannot be known here.
     pub async fn commit(&mut self) -> Result<(), Error> {
         self.check_usable()?;
         if self.state != State::Open {
@@ -447,8 +557,9 @@ impl<C: PoolableConnection> AsyncSession<C> {
             self.release();
             return Ok(());
         }
+        let limit = self.statement_timeout;
         let committed = self
-            .blocking(|slot| {
+            .blocking(limit, true, |slot| {
                 let result = slot.commit();
                 if result.is_err() {
                     slot.recover();
@@ -457,16 +568,20 @@ impl<C: PoolableConnection> AsyncSession<C> {
                 }
                 result
             })
-            .await?;
+            .await;
         self.release();
         match committed {
-            Ok(()) => {
+            Ok(Ok(())) => {
                 self.state = State::Idle;
                 Ok(())
             }
+            Ok(Err(e)) => {
+                self.state = State::Failed(format!("COMMIT failed: {e}"));
+                Err(commit_error(e))
+            }
             Err(e) => {
                 self.state = State::Failed(format!("COMMIT failed: {e}"));
-                Err(Error::Database(e))
+                Err(e)
             }
         }
     }
@@ -475,15 +590,21 @@ impl<C: PoolableConnection> AsyncSession<C> {
     /// connection to the pool, and makes the session usable again after a
     /// failure or cancellation. If an operation's future was dropped, this
     /// first waits for its blocking task to roll back and return its
-    /// connection (as long as the user's closure takes to finish).
+    /// connection, at most [`ROLLBACK_WAIT`]; a task that takes longer (a
+    /// closure that ignores its cancel, a server that does not answer) has
+    /// its connection given up instead: closed when the task ends, so the
+    /// server rolls its transaction back, and never committed.
     pub async fn rollback(&mut self) -> Result<(), Error> {
-        if let Some(cancelled) = self.in_flight.clone() {
+        if let Some((cancelled, _)) = self.in_flight.clone() {
             // An operation's future was dropped: its task rolls back and
             // returns the connection; wait for that, so that when this
             // returns nothing of the session's is left open on the server.
-            // Forgotten only once over: a rollback cut off here by a timeout
-            // leaves it for the next one.
-            cancelled.wait_done().await;
+            if tokio::time::timeout(ROLLBACK_WAIT, cancelled.wait_done())
+                .await
+                .is_err()
+            {
+                self.give_up();
+            }
             self.in_flight = None;
         }
         self.scope_cancelled = None;
@@ -491,11 +612,27 @@ impl<C: PoolableConnection> AsyncSession<C> {
         self.state = State::Idle;
         let rolled_back = if open {
             // If this is cancelled, the connection goes back with the open
-            // transaction and the pool refuses it: still rolled back.
-            self.blocking(|slot| rollback_all(slot.conn_mut())).await?
+            // transaction and the pool refuses it: still rolled back. Past
+            // the session's deadline the connection is given up, which
+            // rolls back too.
+            match self
+                .blocking(self.statement_timeout, false, |slot| {
+                    rollback_all(slot.conn_mut())
+                })
+                .await
+            {
+                Ok(result) => result,
+                Err(Error::Timeout(_)) => Ok(()),
+                Err(e) => {
+                    self.state = State::Idle;
+                    self.release();
+                    return Err(e);
+                }
+            }
         } else {
             Ok(())
         };
+        self.state = State::Idle;
         // A failed ROLLBACK leaves the transaction manager broken: the pool
         // closes the connection, and the server rolls back as it goes.
         self.release();
@@ -565,24 +702,49 @@ impl<C: PoolableConnection> AsyncSession<C> {
         }
     }
 
-    /// Runs `op` with the pooled slot on the blocking pool (one hop).
+    /// Runs `op` with the pooled slot on the blocking pool (one hop). With
+    /// a `limit`, a task that has not returned by then, plus
+    /// [`ABANDON_AFTER`], has its connection given up: [`Error::Timeout`],
+    /// or [`Error::CommitOutcomeUnknown`] for a `commit`.
     async fn blocking<T: Send + 'static>(
         &mut self,
+        limit: Option<Duration>,
+        commit: bool,
         op: impl FnOnce(&mut Slot<C>) -> T + Send + 'static,
     ) -> Result<T, Error> {
-        let mut pooled = self.take_or_checkout().await?;
+        let pooled = self.take_or_checkout().await?;
         let previous = std::mem::replace(&mut self.state, State::InFlight);
         // The engine's own statements are never cancelled: no canceller.
-        let (flag, done) = self.start_operation(None);
-        let joined = tokio::task::spawn_blocking(move || {
-            let value = op(&mut pooled);
-            (pooled, value, done)
-        })
-        .await;
+        let (flag, done, slot, home) = self.start_operation(pooled, false);
+        done.0.committing.store(commit, Ordering::Release);
+        let watch = done.0.watch.clone();
+        let task_home = home.clone();
+        let handle = tokio::task::spawn_blocking(move || {
+            let mut slot = slot;
+            let value = op(&mut slot);
+            go_home(&task_home, slot);
+            drop(task_home);
+            (value, done)
+        });
+        let deadline = limit.map(|limit| tokio::time::Instant::now() + limit);
+        let joined = self.join(handle, &watch, deadline).await;
         flag.disarm();
+        let Some(joined) = joined else {
+            let committing = self.give_up();
+            self.state = State::Failed("the connection was given up".into());
+            let limit = limit.unwrap_or_default();
+            return Err(if committing {
+                Error::CommitOutcomeUnknown(format!(
+                    "COMMIT did not return within the session's {limit:?} deadline"
+                ))
+            } else {
+                Error::Timeout(limit)
+            });
+        };
         self.in_flight = None;
-        let (pooled, value, _done) = joined.map_err(|e| self.lost(e))?;
-        self.conn = Some(pooled);
+        let pooled = home.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (value, _done) = joined.map_err(|e| self.lost(e))?;
+        self.conn = pooled;
         self.state = previous;
         Ok(value)
     }
@@ -633,9 +795,31 @@ fn has_open_transaction<C: PoolableConnection>(pooled: &mut Pooled<C>) -> bool {
     })
 }
 
+/// Puts an operation's slot back into the pool's handle, or, if the caller
+/// gave the operation up, closes the connection.
+fn go_home<C: PoolableConnection>(home: &Home<C>, slot: Slot<C>) {
+    let mut home = home.lock().unwrap_or_else(|e| e.into_inner());
+    match home.as_mut() {
+        Some(pooled) => **pooled = slot,
+        None => drop(slot),
+    }
+}
+
+/// What a failed `COMMIT` returns: [`Error::CommitOutcomeUnknown`] when the
+/// connection broke (the server may have committed before it went), else
+/// the database error.
+fn commit_error(e: diesel::result::Error) -> Error {
+    if crate::error::connection_broke(&e) {
+        Error::CommitOutcomeUnknown(e.to_string())
+    } else {
+        Error::Database(e)
+    }
+}
+
 /// The blocking task's work for one operation: nothing if it was cancelled
-/// while queued; else the statement `timeout`, `BEGIN` if needed and the
-/// user's closure.
+/// while queued; else `BEGIN` if needed with the statement `timeout`, and
+/// the user's closure, with the watch told when they run (the only time a
+/// statement may be cancelled: cancelling `BEGIN` loses no work).
 fn run_operation<C, R, E, F>(
     slot: &mut Slot<C>,
     timeout: Option<Duration>,
@@ -647,30 +831,19 @@ where
     C: PoolableConnection,
     F: FnOnce(&mut C) -> Result<R, E>,
 {
-    if watch.reason().is_some() {
+    if !watch.enter() {
         // Cancelled while queued: nothing of it runs.
         return Step::Skipped;
     }
-    match slot.apply_statement_timeout(timeout, !needs_begin) {
-        Err(e) if needs_begin => Step::Begin(e),
-        Err(e) => Step::Setup(e),
-        Ok(()) => run_closure(slot.conn_mut(), needs_begin, watch, f),
+    if let Err(e) = slot.begin_and_limit(timeout, needs_begin) {
+        watch.leave();
+        return if needs_begin {
+            Step::Begin(e)
+        } else {
+            Step::Setup(e)
+        };
     }
-}
-
-/// `BEGIN` if needed, then the user's closure, with the watch told when it
-/// runs (the only time its statement may be cancelled).
-fn run_closure<C, R, E, F>(conn: &mut C, needs_begin: bool, watch: &OpWatch, f: F) -> Step<R, E>
-where
-    C: PoolableConnection,
-    F: FnOnce(&mut C) -> Result<R, E>,
-{
-    if let Err(e) = begin_if(conn, needs_begin) {
-        return Step::Begin(e);
-    }
-    if !watch.enter() {
-        return Step::Skipped;
-    }
+    let conn = slot.conn_mut();
     let outcome = catch_unwind(AssertUnwindSafe(|| f(conn)));
     watch.leave();
     match outcome {
@@ -680,14 +853,6 @@ where
         Ok(Ok(value)) => Step::Done(value),
         Ok(Err(e)) => Step::Failed(e),
         Err(payload) => Step::Panicked(panic_message(payload.as_ref())),
-    }
-}
-
-fn begin_if<C: PoolableConnection>(conn: &mut C, needed: bool) -> QueryResult<()> {
-    if needed {
-        conn.begin_outer_transaction()
-    } else {
-        Ok(())
     }
 }
 

@@ -44,6 +44,10 @@ impl fmt::Display for Backend {
 pub struct DatabaseUrl {
     raw: String,
     backend: Backend,
+    /// `pgbouncer=` of a `postgres://` URL (taken out of `raw`, since libpq
+    /// refuses parameters it does not know): whether a transaction-mode
+    /// pooler sits between the engine and the server (`None`: find out).
+    pooler: Option<bool>,
 }
 
 impl DatabaseUrl {
@@ -99,7 +103,82 @@ impl DatabaseUrl {
                 "it names no host, e.g. postgres://user@localhost/db",
             ));
         }
-        Ok(DatabaseUrl { raw, backend })
+        let mut raw = raw;
+        let pooler = match backend {
+            Backend::Postgres => match take_param(&mut raw, "pgbouncer").as_deref() {
+                None => None,
+                Some("true" | "1" | "on" | "yes") => Some(true),
+                Some("false" | "0" | "off" | "no") => Some(false),
+                Some(_) => {
+                    return Err(invalid("pgbouncer= takes true or false"));
+                }
+            },
+            _ => None,
+        };
+        Ok(DatabaseUrl {
+            raw,
+            backend,
+            pooler,
+        })
+    }
+
+    /// Whether a transaction-mode pooler (PgBouncer) sits between the
+    /// engine and the server: `Some` when the URL says so (`pgbouncer=true`
+    /// or `false`, taken out of the URL before libpq reads it) or the
+    /// engine was told ([`EngineOptions::transaction_pooler`](crate::EngineOptions::transaction_pooler));
+    /// `None` lets each new connection find out (a server port that is not
+    /// the URL's means a proxy is in between).
+    pub fn transaction_pooler(&self) -> Option<bool> {
+        self.pooler
+    }
+
+    /// This URL with [`transaction_pooler`](Self::transaction_pooler) set.
+    pub(crate) fn with_transaction_pooler(mut self, pooler: Option<bool>) -> Self {
+        if pooler.is_some() {
+            self.pooler = pooler;
+        }
+        self
+    }
+
+    /// The value of query parameter `key`, if the URL has one.
+    pub(crate) fn param(&self, key: &str) -> Option<String> {
+        let (_, query) = self.raw.split_once('?')?;
+        query.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            (percent_decode(k) == key).then(|| percent_decode(v))
+        })
+    }
+
+    /// Whether this PostgreSQL URL asks for a standby or any read-only node
+    /// (`target_session_attrs=read-only`, `standby` or `prefer-standby`).
+    pub fn prefers_read_only(&self) -> bool {
+        self.backend == Backend::Postgres
+            && self
+                .param("target_session_attrs")
+                .is_some_and(|v| matches!(v.as_str(), "read-only" | "standby" | "prefer-standby"))
+    }
+
+    /// The TCP ports a PostgreSQL URL names (5432 where a host gives none).
+    pub(crate) fn ports(&self) -> Vec<u16> {
+        let authority = host_part(&self.raw);
+        let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let mut ports: Vec<u16> = hosts
+            .split(',')
+            .map(|host| {
+                let port = host.rsplit_once(']').map_or(host, |(_, rest)| rest);
+                port.rsplit_once(':')
+                    .and_then(|(_, p)| p.parse().ok())
+                    .unwrap_or(5432)
+            })
+            .collect();
+        if let Some(listed) = self.param("port") {
+            ports.extend(
+                listed
+                    .split(',')
+                    .filter_map(|p| p.trim().parse::<u16>().ok()),
+            );
+        }
+        ports
     }
 
     /// The backend this URL selects.
@@ -141,6 +220,7 @@ impl DatabaseUrl {
             .map(|host| DatabaseUrl {
                 raw: format!("{}{userinfo}{host}{rest}", &self.raw[..scheme_end]),
                 backend: self.backend,
+                pooler: self.pooler,
             })
             .collect()
     }
@@ -167,6 +247,29 @@ impl fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "DatabaseUrl({:?}, {})", redact(&self.raw), self.backend)
     }
+}
+
+/// Removes query parameter `key` from `url` and returns its value.
+fn take_param(url: &mut String, key: &str) -> Option<String> {
+    let (base, query) = url.split_once('?')?;
+    let mut found = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.split_once('=') {
+            Some((k, v)) if percent_decode(k) == key => {
+                found = Some(percent_decode(v).to_ascii_lowercase());
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    found.as_ref()?;
+    *url = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    found
 }
 
 /// The `user:password@host:port` part of `scheme://authority/path`.

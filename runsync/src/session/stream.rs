@@ -409,7 +409,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
         let mut pooled = self.take_or_checkout().await?;
         let needs_begin = self.state != State::Open;
         self.state = State::InFlight;
-        let (flag, done) = self.start_operation(pooled.canceller.clone());
+        let (flag, done) = self.start_stream_operation(pooled.canceller.clone());
         let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
         let pending = Arc::new(Mutex::new(Vec::new()));
         let handoff = Arc::new(Mutex::new(Handoff {
