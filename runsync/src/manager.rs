@@ -413,7 +413,11 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
                         break;
                     }
                     Err(e) => {
-                        tracing::debug!(target: crate::echo::SQL_TARGET, "{url}: {e}");
+                        tracing::debug!(
+                            target: crate::echo::SQL_TARGET,
+                            "{url}: {}",
+                            one_line(&url.scrub(&e.to_string()))
+                        );
                         failed = Some(e);
                     }
                 }
