@@ -41,7 +41,8 @@ pub trait PoolableConnection: Connection + Send + 'static {
     /// connection of an engine over several nodes (a `mysql://` URL with
     /// several hosts), which goes on to the next node when it fails. The
     /// default says yes; MySQL/MariaDB says no for a Galera node that is
-    /// not `wsrep_ready` (outside the primary component, or still joining).
+    /// not `wsrep_ready` (outside the primary component, or still joining),
+    /// and yes for any server where `wsrep_on` is off or absent.
     fn ready(&mut self) -> QueryResult<()> {
         Ok(())
     }
@@ -94,30 +95,7 @@ impl PoolableConnection for diesel::PgConnection {
 #[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
 impl PoolableConnection for diesel::MysqlConnection {
     fn ready(&mut self) -> QueryResult<()> {
-        #[derive(diesel::QueryableByName)]
-        struct Ready {
-            #[diesel(sql_type = diesel::sql_types::Text)]
-            value: String,
-        }
-        let ready: Option<Ready> = diesel::RunQueryDsl::get_result(
-            diesel::sql_query(
-                "SELECT VARIABLE_VALUE AS value FROM information_schema.GLOBAL_STATUS \
-                 WHERE VARIABLE_NAME = 'WSREP_READY'",
-            ),
-            self,
-        )
-        .map(Some)
-        .or_else(|e| match e {
-            diesel::result::Error::NotFound => Ok(None),
-            e => Err(e),
-        })?;
-        match ready {
-            Some(r) if r.value != "ON" => Err(diesel::result::Error::DatabaseError(
-                diesel::result::DatabaseErrorKind::Unknown,
-                Box::new("this Galera node is not ready (wsrep_ready is OFF)".to_owned()),
-            )),
-            _ => Ok(()),
-        }
+        mysql_ready(self)
     }
 
     fn canceller(&mut self, url: &DatabaseUrl) -> Option<Canceller> {
@@ -135,6 +113,39 @@ impl PoolableConnection for diesel::MysqlConnection {
         // MariaDB first; MySQL has no max_statement_time ("unknown system variable").
         self.batch_execute(&format!("SET SESSION max_statement_time = {mariadb}"))
             .or_else(|_| self.batch_execute(&format!("SET SESSION MAX_EXECUTION_TIME = {mysql}")))
+    }
+}
+
+/// Whether a MySQL/MariaDB server takes work: a Galera node must be
+/// `wsrep_ready`; a server where wsrep is off (MariaDB built with wsrep
+/// support reports `wsrep_ready = OFF` outside any cluster) or absent
+/// (MySQL has no `wsrep_on`) always is. `SHOW` rather than
+/// `information_schema.GLOBAL_STATUS`, which MySQL 8 no longer has.
+#[cfg(feature = "mysql")]
+fn mysql_ready(conn: &mut diesel::MysqlConnection) -> QueryResult<()> {
+    #[derive(diesel::QueryableByName)]
+    struct Variable {
+        #[diesel(sql_type = diesel::sql_types::Text, column_name = Value)]
+        value: String,
+    }
+    let value = |conn: &mut diesel::MysqlConnection, show: &str| -> QueryResult<Option<String>> {
+        let rows: Vec<Variable> = diesel::RunQueryDsl::load(diesel::sql_query(show), conn)?;
+        Ok(rows.into_iter().next().map(|row| row.value))
+    };
+    let wsrep_on = value(conn, "SHOW GLOBAL VARIABLES LIKE 'wsrep\\_on'")?;
+    if !wsrep_on.is_some_and(|on| on.eq_ignore_ascii_case("ON") || on == "1") {
+        return Ok(());
+    }
+    match value(conn, "SHOW GLOBAL STATUS LIKE 'wsrep\\_ready'")? {
+        Some(ready) if !ready.eq_ignore_ascii_case("ON") => {
+            Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::Unknown,
+                Box::new(format!(
+                    "this Galera node is not ready (wsrep_on is ON, wsrep_ready is {ready})"
+                )),
+            ))
+        }
+        _ => Ok(()),
     }
 }
 
