@@ -384,31 +384,35 @@ impl PoolableConnection for diesel::MysqlConnection {
     }
 }
 
-/// A MariaDB Galera node that is not `wsrep_ready` says no.
+/// Whether a MySQL/MariaDB server takes work: a Galera node must be
+/// `wsrep_ready`; a server where wsrep is off (MariaDB built with wsrep
+/// support reports `wsrep_ready = OFF` outside any cluster) or absent
+/// (MySQL has no `wsrep_on`) always is. `SHOW` rather than
+/// `information_schema.GLOBAL_STATUS`, which MySQL 8 no longer has.
 #[cfg(feature = "mysql")]
 fn mysql_ready(conn: &mut diesel::MysqlConnection) -> QueryResult<()> {
     #[derive(diesel::QueryableByName)]
-    struct Ready {
-        #[diesel(sql_type = diesel::sql_types::Text)]
+    struct Variable {
+        #[diesel(sql_type = diesel::sql_types::Text, column_name = Value)]
         value: String,
     }
-    let ready: Option<Ready> = diesel::RunQueryDsl::get_result(
-        diesel::sql_query(
-            "SELECT VARIABLE_VALUE AS value FROM information_schema.GLOBAL_STATUS \
-             WHERE VARIABLE_NAME = 'WSREP_READY'",
-        ),
-        conn,
-    )
-    .map(Some)
-    .or_else(|e| match e {
-        diesel::result::Error::NotFound => Ok(None),
-        e => Err(e),
-    })?;
-    match ready {
-        Some(r) if r.value != "ON" => Err(diesel::result::Error::DatabaseError(
-            diesel::result::DatabaseErrorKind::Unknown,
-            Box::new("this Galera node is not ready (wsrep_ready is OFF)".to_owned()),
-        )),
+    let value = |conn: &mut diesel::MysqlConnection, show: &str| -> QueryResult<Option<String>> {
+        let rows: Vec<Variable> = diesel::RunQueryDsl::load(diesel::sql_query(show), conn)?;
+        Ok(rows.into_iter().next().map(|row| row.value))
+    };
+    let wsrep_on = value(conn, "SHOW GLOBAL VARIABLES LIKE 'wsrep\\_on'")?;
+    if !wsrep_on.is_some_and(|on| on.eq_ignore_ascii_case("ON") || on == "1") {
+        return Ok(());
+    }
+    match value(conn, "SHOW GLOBAL STATUS LIKE 'wsrep\\_ready'")? {
+        Some(ready) if !ready.eq_ignore_ascii_case("ON") => {
+            Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::Unknown,
+                Box::new(format!(
+                    "this Galera node is not ready (wsrep_on is ON, wsrep_ready is {ready})"
+                )),
+            ))
+        }
         _ => Ok(()),
     }
 }
@@ -778,7 +782,7 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
                         tracing::debug!(
                             target: crate::echo::SQL_TARGET,
                             "{url}: {}",
-                            url.scrub(&e.to_string())
+                            one_line(&url.scrub(&e.to_string()))
                         );
                         failed = Some(e);
                     }

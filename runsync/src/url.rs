@@ -524,6 +524,11 @@ pub(crate) fn redact(url: &str) -> String {
 /// the ends of a URL's authority, host list and query parameters.
 const CUTS: &[char] = &['/', '?', '#', '@', '&', ';', ',', '=', '[', ']', ' '];
 
+/// Where a password read in pieces is cut: [`CUTS`], and the `:` before a
+/// port (libpq takes what follows a password's first `@` for host names,
+/// each with its port).
+const PIECE_CUTS: &[char] = &['/', '?', '#', '@', '&', ';', ',', '=', '[', ']', ' ', ':'];
+
 /// `message` (a driver's, about connecting to `url`) with no trace of the
 /// URL's password. Hiding more than the password is preferred to missing
 /// part of it:
@@ -532,8 +537,10 @@ const CUTS: &[char] = &['/', '?', '#', '@', '&', ';', ',', '=', '[', ']', ' '];
 /// - a password holding a character a driver cuts at (see [`CUTS`]) may
 ///   have been misread and quoted in pieces (libpq takes what precedes a
 ///   `/` for the port, and quotes it), so every run of 4 or more characters
-///   of the message found in it becomes `***`, and so does any piece
-///   between cuts where it stands quoted alone;
+///   of the message found in it becomes `***`, and so does any shorter
+///   piece between cuts where a quoted string of the message holds it
+///   between cuts too (libpq quotes `"ab"` as a port, `"cd@host"` as a
+///   host name, for the password `ab/cd` or `ab@cd`);
 /// - any `password=` value, and the password of any URL the message quotes.
 pub(crate) fn scrub_message(url: &str, message: &str) -> String {
     let mut out = if url.is_empty() {
@@ -553,17 +560,39 @@ pub(crate) fn scrub_message(url: &str, message: &str) -> String {
     }
     for secret in secrets.iter().filter(|s| s.contains(CUTS)) {
         out = mask(&out, shared_runs(&out, secret, 4));
-        for piece in secret.split(CUTS).filter(|p| !p.is_empty()) {
-            for quote in ['"', '\'', '`'] {
-                out = out.replace(
-                    &format!("{quote}{piece}{quote}"),
-                    &format!("{quote}***{quote}"),
-                );
-            }
-        }
+        let pieces: Vec<&str> = secret.split(PIECE_CUTS).filter(|p| !p.is_empty()).collect();
+        out = mask(&out, quoted_pieces(&out, &pieces));
     }
     let ranges = message_secret_ranges(&out);
     mask(&out, ranges)
+}
+
+/// Byte ranges of `message` where, inside a quoted string (`"..."`,
+/// `'...'` or `` `...` ``; every text between two like quotes counts), a
+/// part between [`PIECE_CUTS`] (or the quotes) equals one of `pieces`.
+fn quoted_pieces(message: &str, pieces: &[&str]) -> Vec<Range<usize>> {
+    let mut ranges = Vec::new();
+    let mut from = 0;
+    while let Some(open) = message[from..].find(['"', '\'', '`']).map(|at| from + at) {
+        let quote = message[open..].chars().next().unwrap_or('"');
+        let start = open + 1;
+        let Some(end) = message[start..].find(quote).map(|at| start + at) else {
+            from = start;
+            continue;
+        };
+        let mut at = start;
+        for part in message[start..end].split(PIECE_CUTS) {
+            if pieces.contains(&part) {
+                ranges.push(at..at + part.len());
+            }
+            // The part, and the one-byte ASCII cut after it.
+            at += part.len() + 1;
+        }
+        // The closing quote may open the next string: an apostrophe
+        // (`Can't connect to server on 'ab@host'`) pairs with the wrong quote.
+        from = end;
+    }
+    ranges
 }
 
 /// Byte ranges of `text` of at least `min` characters that also occur in
@@ -729,6 +758,23 @@ mod tests {
         assert_eq!(
             url.scrub("invalid integer value \"ab\" for connection option \"port\""),
             "invalid integer value \"***\" for connection option \"port\""
+        );
+        // Several hosts and an '@': libpq ends the user information at the
+        // first '@' and quotes the rest of the password with the host name.
+        let url = DatabaseUrl::parse("postgres://u:ab@cd@127.0.0.1:1,h2:2/db").unwrap();
+        assert_eq!(
+            url.scrub("could not translate host name \"cd@127.0.0.1\" to address"),
+            "could not translate host name \"***@127.0.0.1\" to address"
+        );
+        let url = DatabaseUrl::parse("mysql://u:ab@c:1@h1:3306,h2/db").unwrap();
+        assert_eq!(
+            url.scrub("Can't connect to server on 'c:1@h1' (111)"),
+            "Can't connect to server on '***:***@h1' (111)"
+        );
+        // A piece quoted with other text is kept where it is not a part of its own.
+        assert_eq!(
+            url.scrub("Unknown host \"abcd\", user 'ab'"),
+            "Unknown host \"abcd\", user '***'"
         );
     }
 
