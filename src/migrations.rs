@@ -195,9 +195,12 @@ fn look(conn: &mut AnyConnection) -> Result<Found, DemoError> {
         .collect();
     let sql = match conn.backend() {
         Backend::Sqlite => "SELECT name FROM sqlite_master WHERE type = 'table'",
+        // pg_catalog, not information_schema: the latter hides the tables
+        // the current role has no privilege on, which still block CREATE.
         Backend::Postgres => {
-            "SELECT CAST(table_name AS TEXT) AS name FROM information_schema.tables \
-             WHERE table_schema = current_schema()"
+            "SELECT CAST(c.relname AS TEXT) AS name FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v', 'm', 'f')"
         }
         Backend::Mysql => {
             "SELECT CAST(table_name AS CHAR) AS name FROM information_schema.tables \
@@ -235,9 +238,11 @@ fn is_ours(
     let sql = match conn.backend() {
         Backend::Sqlite => format!("SELECT name FROM pragma_table_info('{table}') ORDER BY cid"),
         Backend::Postgres => format!(
-            "SELECT CAST(column_name AS TEXT) AS name FROM information_schema.columns \
-             WHERE table_schema = current_schema() AND table_name = '{table}' \
-             ORDER BY ordinal_position"
+            "SELECT CAST(a.attname AS TEXT) AS name FROM pg_catalog.pg_attribute a \
+             JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = current_schema() AND c.relname = '{table}' \
+             AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
         ),
         Backend::Mysql => format!(
             "SELECT CAST(column_name AS CHAR) AS name FROM information_schema.columns \

@@ -63,3 +63,52 @@ fn a_conflicting_table_fails_the_migration_by_name_and_writes_nothing(db: TestDb
         db.backend
     );
 }
+
+/// Issue 16, item 9: on PostgreSQL the reset looks at `pg_catalog`, which
+/// shows every table of the schema, not at `information_schema`, which
+/// hides the tables the current role has no privilege on. A table `a` of
+/// another role is then named in the reset's own error ("is not this
+/// schema's"), instead of the migration failing on `relation "a" already
+/// exists`.
+#[cfg(feature = "postgres")]
+#[test]
+#[cfg_attr(runsync_skip_postgres, ignore = "PG_DATABASE_URL is not set")]
+fn a_table_of_another_role_is_seen_by_the_reset() {
+    use diesel::connection::SimpleConnection;
+    let db = TestDb::new(diesel_runsync::Backend::Postgres, "other_role");
+    let suffix = std::process::id();
+    let (owner, runner) = (format!("rs_owner_{suffix}"), format!("rs_runner_{suffix}"));
+    let mut admin = db.connect();
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {owner}; CREATE ROLE {runner} LOGIN; \
+             GRANT USAGE, CREATE ON SCHEMA public TO {owner}, {runner}; \
+             SET ROLE {owner}; CREATE TABLE a (something_else INTEGER); RESET ROLE;"
+        ))
+        .unwrap();
+    let runner_url = db
+        .url
+        .replacen("postgres@", &format!("{runner}@"), 1);
+    assert_ne!(runner_url, db.url, "the test URL names user postgres");
+    let outcome = std::panic::catch_unwind(|| {
+        let url = diesel_runsync::DatabaseUrl::parse(&runner_url).unwrap();
+        let mut conn =
+            <AnyConnection as diesel_runsync::PoolableConnection>::connect(&url).unwrap();
+        let message = create_all(&mut conn)
+            .expect_err("a table of another role is in the way")
+            .to_string();
+        assert!(
+            message.contains("table a already exists and is not this schema's"),
+            "{message}"
+        );
+    });
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE a; REVOKE ALL ON SCHEMA public FROM {owner}, {runner}; \
+             DROP ROLE {owner}; DROP ROLE {runner};"
+        ))
+        .unwrap();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}

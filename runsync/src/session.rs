@@ -40,7 +40,7 @@ use tokio::sync::Notify;
 use crate::cancel::{Canceller, OpWatch, Reason};
 use crate::engine::{Engine, Pooled};
 use crate::error::Error;
-use crate::manager::{PoolableConnection, Slot, rollback_all, transaction_depth};
+use crate::manager::{PoolableConnection, Slot, WritePosition, rollback_all, transaction_depth};
 
 pub(crate) mod stream;
 
@@ -557,27 +557,57 @@ impl<C: PoolableConnection> AsyncSession<C> {
             self.release();
             return Ok(());
         }
+        self.commit_then(|_| Ok(())).await
+    }
+
+    /// [`commit`](Self::commit), then the server's write position after it
+    /// (PostgreSQL: its WAL LSN), in the same blocking hop: what a read on a
+    /// replica waits for to see this commit ([`Replicated`](crate::Replicated)).
+    /// With no transaction open, just the position.
+    pub async fn commit_and_locate(&mut self) -> Result<WritePosition, Error> {
+        self.commit_then(|conn| conn.write_position()).await
+    }
+
+    /// Commits, then runs `after` on the connection outside any transaction.
+    async fn commit_then<T: Send + 'static>(
+        &mut self,
+        after: impl FnOnce(&mut C) -> diesel::QueryResult<T> + Send + 'static,
+    ) -> Result<T, Error> {
+        self.check_usable()?;
         let limit = self.statement_timeout;
+        if self.state != State::Open {
+            self.state = State::Idle;
+            let value = self
+                .blocking(limit, false, |slot| after(slot.conn_mut()))
+                .await;
+            self.release();
+            return value?.map_err(Error::Database);
+        }
         let committed = self
             .blocking(limit, true, |slot| {
                 let result = slot.commit();
                 if result.is_err() {
                     slot.recover();
-                } else {
-                    slot.mark_used();
+                    return Err((true, result.unwrap_err()));
                 }
-                result
+                slot.mark_used();
+                after(slot.conn_mut()).map_err(|e| (false, e))
             })
             .await;
         self.release();
         match committed {
-            Ok(Ok(())) => {
+            Ok(Ok(value)) => {
                 self.state = State::Idle;
-                Ok(())
+                Ok(value)
             }
-            Ok(Err(e)) => {
+            Ok(Err((true, e))) => {
                 self.state = State::Failed(format!("COMMIT failed: {e}"));
                 Err(commit_error(e))
+            }
+            // Committed; only what came after failed.
+            Ok(Err((false, e))) => {
+                self.state = State::Idle;
+                Err(Error::Database(e))
             }
             Err(e) => {
                 self.state = State::Failed(format!("COMMIT failed: {e}"));
