@@ -251,10 +251,11 @@ impl Drop for Formation {
 
 impl Formation {
     /// Starts the monitor (fast failover settings, see [`FAST_SETTINGS`]),
-    /// then node 0 (it becomes the primary, with a database `test`), then
-    /// node 1 (cloned from it with `pg_basebackup`; `CHECKPOINT` is issued
-    /// on node 0 every second meanwhile, else the clone waits about 90 s
-    /// for a spread checkpoint). Returns once a node is a writable primary
+    /// then node 0 (it registers first and becomes the primary, with a
+    /// database `test`) and, once node 0 is registered, node 1 (its keeper
+    /// waits for the primary, then clones it with `pg_basebackup`;
+    /// `CHECKPOINT` is issued on node 0 every second meanwhile, else the
+    /// clone waits about 90 s for a spread checkpoint). Returns once a node is a writable primary
     /// and the other one is `secondary` (streaming, synchronous); prints
     /// how long that took. Panics (with the keepers' logs) after
     /// [`TIMEOUT`].
@@ -324,33 +325,40 @@ impl Formation {
         formation
             .monitor_sql(&settings)
             .unwrap_or_else(|e| panic!("fast settings on the monitor: {e}"));
+        let mut phases = vec![("monitor", started.elapsed())];
 
-        // The nodes, one at a time: the first registered becomes primary.
-        for i in 0..NODES {
-            formation.spawn_node(i, true);
-            if i == 0 {
-                formation.wait_for("node1 to be a writable primary", || formation.writable(0));
-            } else {
-                let mut last_checkpoint = Instant::now() - Duration::from_secs(1);
-                formation.wait_for("node2 to clone node1", || {
-                    if last_checkpoint.elapsed() >= Duration::from_secs(1) {
-                        let _ = formation.psql(0, "CHECKPOINT");
-                        last_checkpoint = Instant::now();
-                    }
-                    matches!(
-                        formation.state(i).map(|(r, _)| r).as_deref(),
-                        Some("catchingup" | "secondary")
-                    )
-                });
+        // The nodes: node1 first, so that it registers first and becomes
+        // the primary; node2 as soon as node1 is registered (its keeper
+        // waits for the primary before cloning it).
+        formation.spawn_node(0, true);
+        formation.wait_for("node1 to register", || formation.state(0).is_some());
+        formation.spawn_node(1, true);
+        phases.push(("nodes registered", started.elapsed()));
+        let mut last_checkpoint = Instant::now();
+        formation.wait_for("node2 to clone node1", || {
+            if last_checkpoint.elapsed() >= Duration::from_secs(1) {
+                let _ = formation.psql(0, "CHECKPOINT");
+                last_checkpoint = Instant::now();
             }
-        }
+            matches!(
+                formation.state(1).map(|(r, _)| r).as_deref(),
+                Some("catchingup" | "secondary")
+            )
+        });
+        phases.push(("node2 cloned", started.elapsed()));
         formation.wait_settled();
+        phases.push(("settled", started.elapsed()));
+        let phases: Vec<String> = phases
+            .iter()
+            .map(|(what, t)| format!("{what} {:.1} s", t.as_secs_f64()))
+            .collect();
         println!(
-            "pg_auto_failover formation (monitor :{}, nodes :{} :{}) started in {:.1} s",
+            "pg_auto_failover formation (monitor :{}, nodes :{} :{}) started in {:.1} s ({})",
             formation.monitor.port,
             formation.nodes[0].port,
             formation.nodes[1].port,
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            phases.join(", ")
         );
         formation
     }
@@ -474,9 +482,33 @@ impl Formation {
             .join("\n")
     }
 
+    /// The first keeper started by the fixture whose process has exited
+    /// (a zombie not reaped yet) and was not killed by it.
+    fn exited_keeper(&self) -> Option<&str> {
+        std::iter::once(&self.monitor)
+            .chain(&self.nodes)
+            .find(|k| {
+                k.child.as_ref().is_some_and(|c| {
+                    std::fs::read_to_string(format!("/proc/{}/stat", c.id())).map_or(true, |stat| {
+                        stat.rsplit_once(')')
+                            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+                    })
+                })
+            })
+            .map(|k| k.name.as_str())
+    }
+
     fn wait_for(&self, what: &str, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + TIMEOUT;
         while !done() {
+            if let Some(name) = self.exited_keeper() {
+                panic!(
+                    "the keeper of {name} (pg_autoctl) exited while waiting for {what}; \
+                     monitor:\n{}\n{}",
+                    self.monitor_view(),
+                    self.logs()
+                );
+            }
             if Instant::now() > deadline {
                 panic!(
                     "waited {} s for {what}; monitor:\n{}\n{}",
@@ -571,7 +603,9 @@ impl Formation {
     /// The node that accepts writes now (asked of the nodes, not the
     /// monitor: not in recovery and not read-only). Panics if there is
     /// none (during a failover, or after [`Formation::set_read_only`]);
-    /// [`Formation::wait_writable_primary`] waits for one.
+    /// [`Formation::wait_writable_primary`] waits for one. Right after a
+    /// [`Formation::thaw`] of an old primary two nodes may qualify: the
+    /// lower-numbered one is returned.
     pub fn primary(&self) -> usize {
         (0..NODES)
             .find(|&i| self.writable(i))
@@ -685,7 +719,12 @@ impl Formation {
     /// client waits for its connect timeout; open sessions hang. If it was
     /// the primary, the monitor promotes the standby after about 7 s; after
     /// [`Formation::thaw`] its keeper learns it was demoted and turns it
-    /// into a standby.
+    /// into a standby (2-8 s here). Until then the thawed old primary
+    /// still answers as a writable primary (not in recovery, not
+    /// read-only): two nodes look writable for that moment, so a
+    /// `target_session_attrs=read-write` client listing it first connects
+    /// to it (its commits wait for a synchronous standby that now follows
+    /// the other node). [`Formation::wait_settled`] waits that out.
     pub fn freeze(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         let Some(child) = &node.child else {

@@ -48,6 +48,7 @@ fn strays() -> String {
 
 #[test]
 fn pg_auto_failover_formation_and_pgbouncer() {
+    let test = Instant::now();
     let mut f = Formation::start();
     let p = f.primary();
     let s = f.standby();
@@ -159,6 +160,44 @@ fn pg_auto_failover_formation_and_pgbouncer() {
     assert_eq!(f.psql(standby, "SELECT pg_is_in_recovery()").unwrap(), "t");
     assert_eq!(f.wait_settled(), promoted);
 
+    // A frozen primary (keeper frozen too): the monitor promotes the
+    // standby; thawed, the old primary is demoted and rejoins.
+    let hung = promoted;
+    f.freeze(hung);
+    let frozen = Instant::now();
+    let promoted = f
+        .wait_writable_other_than(Some(promoted), Duration::from_secs(60))
+        .unwrap_or_else(|| {
+            panic!(
+                "no promotion 60 s after SIGSTOP; monitor:\n{}",
+                f.monitor_view()
+            )
+        });
+    println!(
+        "failover after SIGSTOP of node{}: node{} writable after {:.1} s",
+        hung + 1,
+        promoted + 1,
+        frozen.elapsed().as_secs_f64()
+    );
+    assert_eq!(promoted, standby);
+    f.thaw(hung);
+    let thawed = Instant::now();
+    // Not asserted: what the old primary says in its first moments awake.
+    println!(
+        "node{} just thawed: in recovery|read-only = {:?}",
+        hung + 1,
+        f.psql(
+            hung,
+            "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only')"
+        )
+    );
+    assert_eq!(f.wait_settled(), promoted);
+    println!(
+        "thawed node{} rejoined as secondary after {:.1} s",
+        hung + 1,
+        thawed.elapsed().as_secs_f64()
+    );
+
     // Read-only primary: writes fail with 25006, SELECT 1 still works.
     f.set_read_only(promoted, true);
     let err = f
@@ -211,7 +250,13 @@ fn pg_auto_failover_formation_and_pgbouncer() {
     assert_eq!(psql_url(&url, "SELECT count(*) FROM t").unwrap(), "3");
 
     drop(b);
+    let t = Instant::now();
     drop(f);
+    println!(
+        "formation dropped in {:.1} s; whole test {:.1} s",
+        t.elapsed().as_secs_f64(),
+        test.elapsed().as_secs_f64()
+    );
     let left = strays();
     assert!(left.is_empty(), "processes left after the drops:\n{left}");
 }
