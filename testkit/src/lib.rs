@@ -4,9 +4,17 @@
 //! - [`galera`]: a throwaway 3-node MariaDB Galera Cluster on loopback
 //!   (`tests/galera.rs` runs its scenarios on it, `bench/src/bin/galera.rs`
 //!   its figures).
+//! - [`pgha`]: a throwaway pg_auto_failover formation on loopback (monitor,
+//!   PostgreSQL 15 primary and synchronous hot standby) with switchover,
+//!   kill, freeze and read-only switches (`tests/pg_fixtures.rs`).
+//! - [`pgbouncer`]: a throwaway PgBouncer 1.18 in transaction pooling mode
+//!   in front of one server, retargetable.
 //!
-//! The crate links no database client library: it runs `mariadbd` and
-//! talks to the nodes with the `mariadb` command-line client, so depending
-//! on it costs a default build (no `mysql` feature) nothing.
+//! The crate links no database client library: it runs `mariadbd`,
+//! `pg_autoctl` and `pgbouncer` and talks to the servers with the `mariadb`
+//! and `psql` command-line clients, so depending on it costs a default
+//! build (no `mysql` or `postgres` feature) nothing.
 
 pub mod galera;
+pub mod pgbouncer;
+pub mod pgha;
