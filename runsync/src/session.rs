@@ -658,18 +658,20 @@ where
     }
 }
 
-/// `BEGIN` if needed, then the user's closure, with the watch told when it
-/// runs (the only time its statement may be cancelled).
+/// `BEGIN` if needed, then the user's closure, with the watch told when
+/// they run (the only time a statement may be cancelled: a cancelled
+/// `BEGIN`, e.g. waiting for SQLite's write lock, loses no work).
 fn run_closure<C, R, E, F>(conn: &mut C, needs_begin: bool, watch: &OpWatch, f: F) -> Step<R, E>
 where
     C: PoolableConnection,
     F: FnOnce(&mut C) -> Result<R, E>,
 {
-    if let Err(e) = begin_if(conn, needs_begin) {
-        return Step::Begin(e);
-    }
     if !watch.enter() {
         return Step::Skipped;
+    }
+    if let Err(e) = begin_if(conn, needs_begin) {
+        watch.leave();
+        return Step::Begin(e);
     }
     let outcome = catch_unwind(AssertUnwindSafe(|| f(conn)));
     watch.leave();
