@@ -86,9 +86,7 @@ fn a_table_of_another_role_is_seen_by_the_reset() {
              SET ROLE {owner}; CREATE TABLE a (something_else INTEGER); RESET ROLE;"
         ))
         .unwrap();
-    let runner_url = db
-        .url
-        .replacen("postgres@", &format!("{runner}@"), 1);
+    let runner_url = db.url.replacen("postgres@", &format!("{runner}@"), 1);
     assert_ne!(runner_url, db.url, "the test URL names user postgres");
     let outcome = std::panic::catch_unwind(|| {
         let url = diesel_runsync::DatabaseUrl::parse(&runner_url).unwrap();

@@ -39,15 +39,33 @@
 //!   statement) and needs nothing installed per statement. It must not race
 //!   the connection's close: the handle lives behind a mutex that the pool
 //!   clears ([`Canceller`]'s detach hook) before the connection is dropped,
-//!   and an interrupt is only sent while an operation is inside user code.
+//!   and an interrupt is only sent while an operation runs its `BEGIN` or
+//!   user code.
+//!
+//!   `sqlite3_interrupt` does not stop a wait for a lock (SQLite's busy
+//!   handler), and every transaction of the engine begins with
+//!   `BEGIN IMMEDIATE`, which waits for the write lock while another
+//!   connection holds it. So the canceller also installs a busy handler of
+//!   its own in place of the 5 s busy timeout: it waits in steps of 1 ms
+//!   growing to 10 ms, 5 s in all as before, and gives up (the statement
+//!   fails with `SQLITE_BUSY`) as soon as the connection's cancel flag is
+//!   set. The canceller sets that flag with the interrupt; the next
+//!   operation clears it when it starts ([`OpWatch::enter`]), and so does
+//!   the end of the user's closure ([`OpWatch::leave`]), so neither a later
+//!   operation nor the engine's own `COMMIT`/`ROLLBACK` is ever cut short
+//!   by a stale cancel. (A `PRAGMA busy_timeout` run by the user's code
+//!   replaces the handler, and with it that bound.)
 //!
 //! # What is cancelled, and when
 //!
-//! Only the user's closure is ever cancelled, never the engine's own
-//! `BEGIN`, `COMMIT` or `ROLLBACK`: an operation's [`OpWatch`] records
-//! whether the blocking task is inside the closure, and the task, once the
-//! closure returns, waits (at most [`CANCEL_WAIT`]) for a cancel request in
-//! flight to be delivered before it sends its `ROLLBACK`. A statement that
+//! The user's closure is cancelled, and the engine's own `BEGIN` before it
+//! (a `BEGIN` that fails loses no work; on SQLite it may wait seconds for
+//! the write lock, and a deadline must bound that wait too); never the
+//! engine's `COMMIT` or `ROLLBACK`: an operation's [`OpWatch`] records
+//! whether the blocking task is in its `BEGIN` or the closure, and the
+//! task, once the closure returns (or `BEGIN` fails), waits (at most
+//! [`CANCEL_WAIT`]) for a cancel request in flight to be delivered before
+//! it sends its `ROLLBACK` or `COMMIT`. A statement that
 //! ignores the first request (SQLite between two statements, a closure that
 //! catches the error and goes on) gets another, at growing intervals, for as
 //! long as the closure runs. A closure still running [`TERMINATE_AFTER`]
@@ -87,6 +105,8 @@ struct CancellerInner {
     cancel: Box<CancelFn>,
     terminate: Option<Box<CancelFn>>,
     detach: Option<Box<DetachFn>>,
+    /// Forgets earlier cancels (SQLite: clears the busy handler's flag).
+    reset: Option<Box<DetachFn>>,
 }
 
 impl std::fmt::Debug for Canceller {
@@ -94,6 +114,7 @@ impl std::fmt::Debug for Canceller {
         f.debug_struct("Canceller")
             .field("terminate", &self.inner.terminate.is_some())
             .field("detach", &self.inner.detach.is_some())
+            .field("reset", &self.inner.reset.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -108,6 +129,7 @@ impl Canceller {
                 cancel: Box::new(cancel),
                 terminate: None,
                 detach: None,
+                reset: None,
             }),
         }
     }
@@ -131,13 +153,21 @@ impl Canceller {
         self.rebuilt(|inner| inner.terminate = Some(Box::new(terminate)))
     }
 
+    /// Adds `reset`, called when an operation starts and when its closure
+    /// has returned: an earlier `cancel` must not affect what runs next
+    /// (SQLite clears the flag its busy handler gives up on).
+    pub(crate) fn on_reset(self, reset: impl Fn() + Send + Sync + 'static) -> Self {
+        self.rebuilt(|inner| inner.reset = Some(Box::new(reset)))
+    }
+
     /// This canceller with `change` applied (to a copy of its parts if it
     /// is shared: the clones keep what they had).
     fn rebuilt(self, change: impl FnOnce(&mut CancellerInner)) -> Self {
         let mut inner = match Arc::try_unwrap(self.inner) {
             Ok(inner) => inner,
             Err(shared) => {
-                let (cancel, terminate, detach) = (shared.clone(), shared.clone(), shared);
+                let (cancel, terminate, detach, reset) =
+                    (shared.clone(), shared.clone(), shared.clone(), shared);
                 CancellerInner {
                     cancel: Box::new(move || (cancel.cancel)()),
                     terminate: terminate.terminate.is_some().then(|| {
@@ -148,6 +178,13 @@ impl Canceller {
                         Box::new(move || {
                             if let Some(d) = &detach.detach {
                                 d();
+                            }
+                        }) as Box<DetachFn>
+                    }),
+                    reset: reset.reset.is_some().then(|| {
+                        Box::new(move || {
+                            if let Some(r) = &reset.reset {
+                                r();
                             }
                         }) as Box<DetachFn>
                     }),
@@ -180,6 +217,14 @@ impl Canceller {
             detach();
         }
     }
+
+    /// Forgets earlier cancels: what runs next on the connection is not
+    /// affected by them.
+    pub(crate) fn reset(&self) {
+        if let Some(reset) = &self.inner.reset {
+            reset();
+        }
+    }
 }
 
 /// How long the blocking task, once the user's closure has returned, waits
@@ -203,9 +248,10 @@ pub(crate) enum Reason {
 /// Where an operation's blocking task stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Queued, or running the engine's own statements before the closure.
+    /// Queued, or running the engine's own setup (the statement timeout).
     Before,
-    /// Inside the user's closure: the only time a cancel is sent.
+    /// Running the engine's `BEGIN`, if any, then the user's closure: the
+    /// only time a cancel is sent.
     User,
     /// The closure has returned.
     After,
@@ -254,22 +300,32 @@ impl OpWatch {
         self.lock().reason
     }
 
-    /// The blocking task is about to call the user's closure. False if the
-    /// operation was cancelled already: the closure must not run.
+    /// The blocking task is about to send its `BEGIN` (if it needs one)
+    /// and call the user's closure: from now on a cancel is delivered.
+    /// Clears the connection's earlier cancels ([`Canceller::reset`]).
+    /// False if the operation was cancelled already: neither must run.
     pub(crate) fn enter(&self) -> bool {
         let mut shared = self.lock();
         if shared.reason.is_some() {
             shared.phase = Phase::After;
             return false;
         }
+        if let Some(canceller) = &self.canceller {
+            // No cancel of this operation can be under way yet (none is
+            // delivered before `User`), and one of an earlier operation is
+            // over (its `leave` waited for it).
+            canceller.reset();
+        }
         shared.phase = Phase::User;
         true
     }
 
-    /// The user's closure has returned: no cancel is sent from now on, and
-    /// one being delivered is waited for (at most [`CANCEL_WAIT`]), so that
-    /// it cannot land on the engine's own `ROLLBACK` or `COMMIT`. Returns
-    /// why the operation was cancelled, if it was.
+    /// The user's closure has returned (or `BEGIN` failed): no cancel is
+    /// sent from now on, and one being delivered is waited for (at most
+    /// [`CANCEL_WAIT`]), so that it cannot land on the engine's own
+    /// `ROLLBACK` or `COMMIT`; then the connection's cancel is cleared
+    /// ([`Canceller::reset`]) so that it cannot cut them short either.
+    /// Returns why the operation was cancelled, if it was.
     pub(crate) fn leave(&self) -> Option<Reason> {
         let mut shared = self.lock();
         shared.phase = Phase::After;
@@ -280,12 +336,15 @@ impl OpWatch {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        if let Some(canceller) = &self.canceller {
+            canceller.reset();
+        }
         shared.reason
     }
 
     /// Cancels the operation: marks it (the first reason wins) and, if its
-    /// closure is running, stops the statement on the server from tokio's
-    /// blocking pool, again at growing intervals while the closure runs on.
+    /// `BEGIN` or closure is running, stops the statement on the server from
+    /// tokio's blocking pool, again at growing intervals while it runs on.
     /// Never blocks the calling thread.
     pub(crate) fn cancel(self: &Arc<Self>, reason: Reason) {
         let running = {
@@ -481,12 +540,15 @@ pub(crate) fn mysql(
     Some(Canceller::new(move || side("QUERY")).or_terminate(move || terminate("CONNECTION")))
 }
 
-/// SQLite: `sqlite3_interrupt` on the handle an auto extension recorded.
+/// SQLite: `sqlite3_interrupt` on the handle an auto extension recorded,
+/// and a busy handler that gives up a lock wait once cancelled.
 #[cfg(feature = "sqlite")]
 pub(crate) mod sqlite {
     use std::cell::Cell;
-    use std::ffi::{c_char, c_int};
+    use std::ffi::{c_char, c_int, c_void};
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex, Once};
+    use std::time::Duration;
 
     use libsqlite3_sys as ffi;
 
@@ -544,17 +606,87 @@ pub(crate) mod sqlite {
     // guarantee it is never called after the close.
     unsafe impl Send for Handle {}
 
+    /// How long the busy handler waits for a lock in all: the 5 s of the
+    /// `PRAGMA busy_timeout` it replaces.
+    pub(crate) const BUSY_LIMIT: Duration = Duration::from_millis(5000);
+
+    /// The longest single pause of the busy handler: how late, at most, it
+    /// notices a cancel.
+    const BUSY_STEP: Duration = Duration::from_millis(10);
+
+    /// The pause before the busy handler's `count`-th retry (from 0):
+    /// 1, 2, 4, 8, then 10 ms.
+    fn busy_pause(count: u32) -> Duration {
+        Duration::from_millis(1 << count.min(4)).min(BUSY_STEP)
+    }
+
+    /// The time paused before the `count`-th call of the busy handler for
+    /// one lock: the sum of the pauses before it.
+    fn busy_waited(count: u32) -> Duration {
+        match count {
+            0..=4 => Duration::from_millis((1 << count) - 1),
+            _ => Duration::from_millis(15) + BUSY_STEP * (count - 4),
+        }
+    }
+
+    /// SQLite's busy handler for the engine's connections: called on the
+    /// thread running the statement while another connection holds the lock
+    /// it needs, with how often it was called for that lock before. Waits a
+    /// step and asks SQLite to retry (nonzero), or gives up (0: the statement
+    /// fails with `SQLITE_BUSY`) once [`BUSY_LIMIT`] is spent or the
+    /// connection's canceller was asked to cancel.
+    unsafe extern "C" fn busy(cancelled: *mut c_void, count: c_int) -> c_int {
+        // SAFETY: the argument is the `&'static AtomicBool` `canceller`
+        // installed with this handler (leaked: never freed).
+        let cancelled = unsafe { &*(cancelled as *const AtomicBool) };
+        let count = u32::try_from(count).unwrap_or(0);
+        if cancelled.load(Ordering::Acquire) || busy_waited(count) >= BUSY_LIMIT {
+            return 0;
+        }
+        std::thread::sleep(busy_pause(count).min(BUSY_LIMIT - busy_waited(count)));
+        c_int::from(!cancelled.load(Ordering::Acquire))
+    }
+
     /// The canceller of the connection `SqliteConnection::connect` opened
-    /// last on this thread, if its handle was recorded.
+    /// last on this thread, if its handle was recorded. Installs the busy
+    /// handler that gives up once cancelled (replacing the connection's
+    /// busy timeout): called once, right after connect, while the
+    /// connection is used by nobody else.
     pub(crate) fn canceller() -> Option<Canceller> {
         let raw = CONNECTED.with(|connected| connected.replace(std::ptr::null_mut()));
         if raw.is_null() {
             return None;
         }
+        // The busy handler's argument must stay valid until the connection
+        // is closed, and nothing here runs after the close: the pool's
+        // detach runs before it on most paths, but not all (a connection
+        // whose ping `is_valid` was cut off closes in its blocking task
+        // whenever the ping ends), and resetting the handler on a closed
+        // handle would be a use after free. So the flag is leaked: one byte
+        // (one small allocation) per connection the process ever opens,
+        // which outlives every use, with no ordering to get right.
+        let cancelled: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+        // SAFETY: `raw` is open and used by no other thread yet; `busy`
+        // has the signature SQLite expects and its argument lives forever.
+        let rc = unsafe {
+            ffi::sqlite3_busy_handler(
+                raw,
+                Some(busy),
+                std::ptr::from_ref(cancelled).cast_mut().cast(),
+            )
+        };
+        if rc != ffi::SQLITE_OK {
+            tracing::warn!(
+                "sqlite3_busy_handler failed ({rc}): a cancel will not stop a wait for a lock"
+            );
+        }
         let handle = Arc::new(Mutex::new(Some(Handle(raw))));
         let detach = handle.clone();
         Some(
             Canceller::new(move || {
+                // First the flag, for a statement waiting for a lock (which
+                // `sqlite3_interrupt` does not stop), then the interrupt.
+                cancelled.store(true, Ordering::Release);
                 let guard = handle.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(Handle(db)) = guard.as_ref() {
                     // SAFETY: the connection is open: the handle is cleared
@@ -563,10 +695,30 @@ pub(crate) mod sqlite {
                 }
                 Ok(())
             })
+            .on_reset(move || cancelled.store(false, Ordering::Release))
             .on_close(move || {
                 detach.lock().unwrap_or_else(|e| e.into_inner()).take();
             }),
         )
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn the_busy_pauses_add_up_to_the_limit_in_small_steps() {
+            let mut waited = Duration::ZERO;
+            let mut count = 0;
+            while busy_waited(count) < BUSY_LIMIT {
+                assert_eq!(busy_waited(count), waited, "before call {count}");
+                assert!(busy_pause(count) <= BUSY_STEP);
+                waited += busy_pause(count);
+                count += 1;
+            }
+            assert!(waited >= BUSY_LIMIT && waited < BUSY_LIMIT + BUSY_STEP);
+            assert_eq!(busy_pause(0), Duration::from_millis(1));
+        }
     }
 }
 
@@ -599,6 +751,32 @@ mod tests {
         watch.cancel(Reason::Timeout);
         assert_eq!(watch.reason(), None);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_watch_forgets_earlier_cancels_when_it_enters_and_leaves() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (c, r) = (log.clone(), log.clone());
+        let canceller = Canceller::new(move || {
+            c.lock().unwrap().push("cancel");
+            Ok(())
+        })
+        .on_reset(move || r.lock().unwrap().push("reset"));
+        let watch = OpWatch::new(Some(canceller.clone()));
+        assert!(watch.enter());
+        assert!(watch.deliver());
+        assert_eq!(watch.leave(), None);
+        assert_eq!(*log.lock().unwrap(), ["reset", "cancel", "reset"]);
+        // Cancelled before it entered: nothing runs, nothing is reset.
+        log.lock().unwrap().clear();
+        let watch = OpWatch::new(Some(canceller.clone()));
+        watch.cancel(Reason::Timeout);
+        assert!(!watch.enter());
+        assert!(log.lock().unwrap().is_empty());
+        // A shared canceller rebuilt keeps its reset.
+        let rebuilt = canceller.clone().on_close(|| {});
+        rebuilt.reset();
+        assert_eq!(*log.lock().unwrap(), ["reset"]);
     }
 
     #[test]

@@ -417,7 +417,7 @@ fn mysql_ready(conn: &mut diesel::MysqlConnection) -> QueryResult<()> {
     }
 }
 
-/// WAL, a 5 s busy timeout and foreign keys on every connection;
+/// WAL, a 5 s wait for locks and foreign keys on every connection;
 /// transactions begin with `BEGIN IMMEDIATE`.
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
@@ -434,7 +434,9 @@ impl PoolableConnection for diesel::SqliteConnection {
     }
 
     /// `sqlite3_interrupt` on the handle recorded while `connect` opened
-    /// this connection (on this thread).
+    /// this connection (on this thread); also installs the busy handler
+    /// that stops waiting for a lock once cancelled, in place of the busy
+    /// timeout (same 5 s limit), so a deadline bounds `BEGIN IMMEDIATE`.
     fn canceller(&mut self, _url: &DatabaseUrl) -> Option<Canceller> {
         crate::cancel::sqlite::canceller()
     }
@@ -450,7 +452,10 @@ fn configure_sqlite(conn: &mut diesel::SqliteConnection, in_memory: bool) -> Que
         "PRAGMA journal_mode = WAL;"
     };
     // The busy timeout first: switching to WAL needs a lock that another
-    // connection's open transaction may hold for a moment.
+    // connection's open transaction may hold for a moment. The canceller
+    // (taken right after this) replaces it with a busy handler of the same
+    // limit that also gives up once the operation is cancelled; without
+    // one (the handle was not recorded) the busy timeout stays.
     conn.batch_execute(&format!(
         "PRAGMA busy_timeout = 5000; {journal} PRAGMA foreign_keys = ON;"
     ))

@@ -21,10 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{TestBackend, TestDb, insert_part, next_unit, per_backend};
-use diesel::RunQueryDsl;
-use diesel_runsync::{
-    ABANDON_AFTER, Engine, EngineOptions, Error, RetryPolicy, Retryable,
-};
+use diesel_runsync::{ABANDON_AFTER, Engine, EngineOptions, Error, RetryPolicy, Retryable};
 
 /// A TCP proxy on a free loopback port to `target`: forwards both ways
 /// until frozen, then forwards nothing more (what a hung host or a dead
@@ -66,10 +63,10 @@ impl Proxy {
                 let Ok(server) = TcpStream::connect(&target) else {
                     continue;
                 };
-                streams.lock().unwrap().extend([
-                    client.try_clone().unwrap(),
-                    server.try_clone().unwrap(),
-                ]);
+                streams
+                    .lock()
+                    .unwrap()
+                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
                 for (mut from, mut to) in [
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
@@ -123,7 +120,10 @@ fn through_proxy(url: &str) -> (String, Proxy) {
     )
 }
 
-per_backend!(a_deadline_bounds_a_call_on_a_server_that_never_answers, servers);
+per_backend!(
+    a_deadline_bounds_a_call_on_a_server_that_never_answers,
+    servers
+);
 async fn a_deadline_bounds_a_call_on_a_server_that_never_answers<C: TestBackend>(db: TestDb<C>) {
     db.create_schema().await;
     let (url, proxy) = through_proxy(&db.url);
@@ -141,7 +141,7 @@ async fn a_deadline_bounds_a_call_on_a_server_that_never_answers<C: TestBackend>
     let started = Instant::now();
     let result = session
         .with_timeout(deadline)
-        .run_sync(move |c| insert_part(c, unit, 1))
+        .run_sync(move |c| insert_part(c, unit, 1).map_err(Error::from))
         .await;
     let took = started.elapsed();
     println!(
@@ -202,7 +202,11 @@ async fn a_deadline_bounds_the_wait_for_a_connection<C: TestBackend>(db: TestDb<
         .run_sync(|_| Ok::<_, Error>(()))
         .await;
     assert!(matches!(result, Err(Error::Timeout(_))), "{result:?}");
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     holder.rollback().await.unwrap();
 }
 
@@ -231,7 +235,10 @@ fn terminate_own_connection<C: TestBackend>(c: &mut C, admin_url: &str) {
     std::thread::sleep(Duration::from_millis(100));
 }
 
-per_backend!(a_commit_whose_connection_broke_is_of_unknown_outcome, servers);
+per_backend!(
+    a_commit_whose_connection_broke_is_of_unknown_outcome,
+    servers
+);
 async fn a_commit_whose_connection_broke_is_of_unknown_outcome<C: TestBackend>(db: TestDb<C>) {
     let engine = db.engine().await;
     let admin = C::server_url().unwrap();
@@ -252,8 +259,17 @@ async fn a_commit_whose_connection_broke_is_of_unknown_outcome<C: TestBackend>(d
         C::NAME
     );
     assert!(!error.is_retryable(), "{}", C::NAME);
-    assert_eq!(tries.load(Ordering::SeqCst), 1, "{}: never run again", C::NAME);
-    assert!(error.to_string().contains("may or may not have been committed"));
+    assert_eq!(
+        tries.load(Ordering::SeqCst),
+        1,
+        "{}: never run again",
+        C::NAME
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("may or may not have been committed")
+    );
     // The pool replaced the broken connection.
     engine
         .transaction(|c: &mut C| c.scalar("SELECT CAST(1 AS BIGINT) AS n"))
@@ -261,7 +277,10 @@ async fn a_commit_whose_connection_broke_is_of_unknown_outcome<C: TestBackend>(d
         .unwrap();
 }
 
-per_backend!(a_statement_failing_on_a_broken_connection_is_retried, servers);
+per_backend!(
+    a_statement_failing_on_a_broken_connection_is_retried,
+    servers
+);
 async fn a_statement_failing_on_a_broken_connection_is_retried<C: TestBackend>(db: TestDb<C>) {
     db.create_schema().await;
     let engine = db.engine().await;
@@ -326,7 +345,20 @@ async fn failed_connects_back_off<C: TestBackend>(db: TestDb<C>) {
     );
     // 50 ms doubling to MAX_CONNECT_BACKOFF, jittered: about ten in two
     // seconds; without the backoff, one per call (thousands).
-    assert!(connects <= 20, "{}: {connects} connects in {window:?}", C::NAME);
-    assert!(calls > 100, "{}: calls must fail at once, not wait", C::NAME);
-    assert_eq!(retryable, calls, "{}: a failed connect is retryable", C::NAME);
+    assert!(
+        connects <= 20,
+        "{}: {connects} connects in {window:?}",
+        C::NAME
+    );
+    assert!(
+        calls > 100,
+        "{}: calls must fail at once, not wait",
+        C::NAME
+    );
+    assert_eq!(
+        retryable,
+        calls,
+        "{}: a failed connect is retryable",
+        C::NAME
+    );
 }
