@@ -225,8 +225,11 @@ impl Retryable for Error {
 /// - PgBouncer after a retarget: 26000/42P05 on a named prepared statement.
 pub(crate) fn failover_error(error: &diesel::result::Error) -> Option<&'static str> {
     use diesel::result::{DatabaseErrorKind, Error as D};
-    let D::DatabaseError(kind, info) = error else {
-        return None;
+    let (kind, info) = match error {
+        D::DatabaseError(kind, info) => (kind, info),
+        // A failed COMMIT that Diesel then tried to roll back.
+        D::RollbackErrorOnCommit { commit_error, .. } => return failover_error(commit_error),
+        _ => return None,
     };
     match kind {
         DatabaseErrorKind::ReadOnlyTransaction => return Some("read-only"),

@@ -272,7 +272,7 @@ async fn a_commit_whose_connection_broke_is_of_unknown_outcome<C: TestBackend>(d
     );
     // The pool replaced the broken connection.
     engine
-        .transaction(|c: &mut C| c.scalar("SELECT CAST(1 AS BIGINT) AS n"))
+        .transaction(|c: &mut C| c.scalar(&format!("SELECT CAST(1 AS {}) AS n", C::BIGINT)))
         .await
         .unwrap();
 }
@@ -282,7 +282,6 @@ per_backend!(
     servers
 );
 async fn a_statement_failing_on_a_broken_connection_is_retried<C: TestBackend>(db: TestDb<C>) {
-    db.create_schema().await;
     let engine = db.engine().await;
     let admin = C::server_url().unwrap();
     let tries = Arc::new(AtomicU32::new(0));
@@ -320,7 +319,9 @@ async fn failed_connects_back_off<C: TestBackend>(db: TestDb<C>) {
             while started.elapsed() < window {
                 calls += 1;
                 match engine
-                    .transaction(|c: &mut C| c.scalar("SELECT CAST(1 AS BIGINT) AS n"))
+                    .transaction(|c: &mut C| {
+                        c.scalar(&format!("SELECT CAST(1 AS {}) AS n", C::BIGINT))
+                    })
                     .await
                 {
                     Ok(_) => panic!("nothing serves there"),
