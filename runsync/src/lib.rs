@@ -48,20 +48,26 @@
 //!
 //! There is no bundled MySQL: `mysqlclient-sys/bundled` needs cmake and is
 //! GPL-2.0-only, so it is left to the application to opt in. Any other
-//! connection type works too: implement [`PoolableConnection`] for it (an
-//! empty `impl` for a `#[derive(MultiConnection)]` enum).
+//! connection type works too: implement [`PoolableConnection`] for it; for a
+//! `#[derive(MultiConnection)]` enum of the connections above,
+//! [`forward_poolable_connection!`] writes the `impl`, forwarding every
+//! method so that each backend keeps its guarantees.
 //!
 //! ## Layout
 //!
 //! - `url` — [`DatabaseUrl`]: the [`Backend`] a URL names, and a form safe to print.
-//! - `manager` — [`PoolableConnection`] and the bb8 manager: how connections
-//!   are opened, checked, and refused when they come back with a transaction
-//!   open; the hooks that cancel a statement and set a server-side timeout.
+//! - `manager` — [`PoolableConnection`] (and [`forward_poolable_connection!`])
+//!   and the bb8 manager: how connections are opened (with a backoff after
+//!   failures), checked ([`Access`]: a read-write engine refuses read-only
+//!   nodes), and refused when they come back with a transaction open or
+//!   retired; the hooks that cancel a statement, set a server-side timeout
+//!   ([`TimeoutScope`]) and locate a write ([`WritePosition`]).
 //! - `engine` — [`Engine`] and [`EngineOptions`]: the pool, fair checkout,
 //!   [`Engine::transaction`].
 //! - `session` — [`AsyncSession`]: `run_sync`, `begin`, `commit`, `rollback`,
 //!   `transaction`, deadlines ([`AsyncSession::with_timeout`]), and how
-//!   cancellation and panics are contained.
+//!   cancellation and panics are contained; a connection that does not come
+//!   back in time is given up ([`ABANDON_AFTER`]).
 //! - `session::stream` — [`AsyncSession::stream`], [`RowStream`],
 //!   [`RowSink`], [`StreamingMode`]: the rows of a synchronous query as an
 //!   async `Stream`, over a bounded channel, inside the session's transaction.
@@ -76,7 +82,12 @@
 //!   connection to retire (an interrupted statement, a Galera node that
 //!   stopped serving); yours runs after it
 //!   ([`EngineOptions::instrumentation`]).
-//! - `error` — [`Error`] and [`Retryable`].
+//! - `replica` — [`Replicated`]: a primary and a replica engine, writes on
+//!   one and reads on the other, read-your-writes between them
+//!   ([`WritePosition`]).
+//! - `error` — [`Error`] and [`Retryable`]; which failures a failover
+//!   brings, and which retire a connection.
+//! - [`guide`] — the guides (scale-out on PostgreSQL, ...), as doc pages.
 
 #![warn(missing_docs, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -85,6 +96,7 @@ mod cancel;
 mod echo;
 mod engine;
 mod error;
+pub mod guide;
 mod manager;
 mod replica;
 mod retry;
