@@ -8,7 +8,7 @@
 //! servers the row lock of `counter` (`SELECT ... FOR UPDATE`). Session B
 //! then tries to update the counter:
 //! - with a 100 ms deadline per call (`with_timeout`), `RUNSYNC_LOCK_ROUNDS`
-//!   times (50 by default): each returns `Error::Timeout`, well under a
+//!   times (20 by default): each returns `Error::Timeout`, well under a
 //!   second after the deadline; the spread is printed as a `FIGURE
 //!   <backend>_lock_wait` line (the goal: p99 under 250 ms);
 //! - with its future dropped by a 100 ms `tokio::time::timeout` (no
@@ -39,7 +39,7 @@ fn rounds() -> usize {
     std::env::var("RUNSYNC_LOCK_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(50)
+        .unwrap_or(20)
 }
 
 /// Median, 99th percentile and maximum, in milliseconds.
