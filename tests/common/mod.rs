@@ -8,7 +8,7 @@
 //! so a failure names its backend and `cargo test postgres` picks one. A
 //! server backend's test is *ignored* (never passed) when its URL variable
 //! (`PG_DATABASE_URL`, `MYSQL_DATABASE_URL`) was unset at build time
-//! (`runsync/build.rs` sets `runsync_skip_postgres` / `runsync_skip_mysql`,
+//! (`runsync-tests/build.rs` sets `runsync_skip_postgres` / `runsync_skip_mysql`,
 //! except under `CI=true` or `RUNSYNC_REQUIRE_ALL_BACKENDS=1`, where a
 //! missing URL fails the test), and when its backend's cargo feature is
 //! off (MySQL by default).

@@ -1,11 +1,12 @@
-//! Build-time switches for this package's tests; nothing else reads them.
+//! Build-time switches for the tests of this package (and of the
+//! greenlet-orm program at the workspace root, which uses this script too);
+//! nothing else reads them, and the published library has no build script.
 //!
 //! A test of a server backend shows as *ignored* (not passed) when its URL
 //! variable is unset at build time: `runsync_skip_postgres` without
 //! `PG_DATABASE_URL`, `runsync_skip_mysql` without `MYSQL_DATABASE_URL`.
 //! With `CI=true` or `RUNSYNC_REQUIRE_ALL_BACKENDS=1` nothing is skipped, so
-//! a missing URL fails the test instead. The greenlet-orm program at the
-//! workspace root uses this same script for its tests.
+//! a missing URL fails the test instead.
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(runsync_skip_postgres, runsync_skip_mysql)");
