@@ -626,14 +626,18 @@ impl<C: PoolableConnection> Slot<C> {
     /// the real one: if the caller gives up on that task, the pool discards
     /// this one and opens a replacement.
     pub(crate) fn vacant() -> Self {
+        // One shared pair of (never written) flags: a vacant slot is made
+        // per operation, and must not allocate.
+        static FLAGS: std::sync::OnceLock<(Lost, Retire)> = std::sync::OnceLock::new();
+        let (lost, retire) = FLAGS.get_or_init(Default::default);
         Slot {
             conn: None,
             last_used: Instant::now(),
             canceller: None,
             session_timeout: None,
             transaction_timeout: None,
-            lost: Lost::default(),
-            retire: Retire::default(),
+            lost: lost.clone(),
+            retire: retire.clone(),
         }
     }
 }
@@ -800,6 +804,8 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
             };
             let canceller = conn.canceller(&url);
             let mut slot = Slot::vacant();
+            slot.lost = Lost::default();
+            slot.retire = Retire::default();
             slot.canceller = canceller;
             slot.session_timeout = Some(None);
             if timeout.is_some() && conn.timeout_scope() == TimeoutScope::Session {
