@@ -102,8 +102,7 @@ fn a_table_of_another_role_is_seen_by_the_reset() {
     });
     admin
         .batch_execute(&format!(
-            "DROP TABLE a; REVOKE ALL ON SCHEMA public FROM {owner}, {runner}; \
-             DROP ROLE {owner}; DROP ROLE {runner};"
+            "DROP OWNED BY {owner}, {runner}; DROP ROLE {owner}; DROP ROLE {runner};"
         ))
         .unwrap();
     if let Err(panic) = outcome {
