@@ -101,6 +101,9 @@ mod manager;
 mod replica;
 mod retry;
 mod session;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 mod url;
 
 pub use cancel::{CancelError, Canceller, TERMINATE_AFTER};

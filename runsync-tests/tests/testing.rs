@@ -1,0 +1,222 @@
+//! `diesel_runsync::testing::TestDatabase` (issue 19): each test a database
+//! of its own with the migrations applied, on SQLite, PostgreSQL and MySQL;
+//! parallel tests never share one; dropped when the test passes, kept (and
+//! named) when it fails; on PostgreSQL copied from a template migrated once
+//! per process, which the `template_vs_migrations` figure compares with
+//! running the migrations for each database.
+//!
+//! The migrations are this package's `migrations/<backend>/` (twenty
+//! tables, each with an index).
+
+#[allow(unused_macros, unused_imports)]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::TestBackend;
+use diesel::connection::SimpleConnection;
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use diesel_runsync::testing::TestDatabase;
+use diesel_runsync::{Error, PoolableConnection};
+
+#[cfg(feature = "sqlite")]
+const SQLITE: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+#[cfg(feature = "postgres")]
+const POSTGRES: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+#[cfg(feature = "mysql")]
+const MYSQL: EmbeddedMigrations = embed_migrations!("migrations/mysql");
+
+/// Rows of `t20` on the test database.
+async fn rows<C: TestBackend>(db: &TestDatabase<C>) -> i64 {
+    db.engine()
+        .transaction(|c: &mut C| {
+            c.scalar(&format!(
+                "SELECT CAST(count(*) AS {}) AS n FROM t20",
+                C::BIGINT
+            ))
+            .map_err(Error::from)
+        })
+        .await
+        .unwrap()
+}
+
+/// Two databases at once: migrated, apart, and each dropped with its
+/// `TestDatabase` (a server's is gone from its catalogue afterwards).
+async fn two_databases_apart<C>(server: &str, migrations: fn() -> EmbeddedMigrations)
+where
+    C: TestBackend + MigrationHarness<C::Backend>,
+{
+    let (a, b) = tokio::join!(
+        TestDatabase::<C>::on(server, migrations()),
+        TestDatabase::<C>::on(server, migrations())
+    );
+    assert_ne!(a.name(), b.name());
+    a.engine()
+        .transaction(|c: &mut C| c.batch_execute("INSERT INTO t20 (name) VALUES ('x')"))
+        .await
+        .unwrap();
+    assert_eq!((rows(&a).await, rows(&b).await), (1, 0), "{}", C::NAME);
+    let name = a.name().to_owned();
+    drop(a);
+    drop(b);
+    if C::NAME == "sqlite" {
+        assert!(!std::path::Path::new(&name).exists(), "{name} was removed");
+    } else {
+        assert!(
+            !exists::<C>(server, &name),
+            "{}: {name} was dropped",
+            C::NAME
+        );
+    }
+}
+
+/// Whether database `name` is on the server.
+fn exists<C: TestBackend>(server: &str, name: &str) -> bool {
+    let mut admin = C::establish(server).unwrap();
+    let sql = if C::NAME == "postgres" {
+        format!("SELECT count(*) AS n FROM pg_database WHERE datname = '{name}'")
+    } else {
+        format!(
+            "SELECT CAST(count(*) AS SIGNED) AS n FROM information_schema.schemata \
+             WHERE schema_name = '{name}'"
+        )
+    };
+    admin.scalar(&sql).unwrap() == 1
+}
+
+/// A test that fails keeps its database, named; this one then drops it.
+async fn kept_when_the_test_fails<C>(server: &str, migrations: fn() -> EmbeddedMigrations)
+where
+    C: TestBackend + MigrationHarness<C::Backend>,
+{
+    let db = TestDatabase::<C>::on(server, migrations()).await;
+    let name = db.name().to_owned();
+    // The failing test: its panic unwinds through the TestDatabase's drop.
+    let failed = std::thread::spawn(move || {
+        let _db = db;
+        panic!("a failing test");
+    })
+    .join();
+    assert!(failed.is_err());
+    assert!(exists::<C>(server, &name), "{}: {name} was kept", C::NAME);
+    let mut admin = C::establish(server).unwrap();
+    admin
+        .batch_execute(&format!("DROP DATABASE {name}"))
+        .unwrap();
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn sqlite_databases_apart_and_removed() {
+    two_databases_apart::<diesel::SqliteConnection>("sqlite://unused.db", || SQLITE).await;
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_from_the_environment_by_default() {
+    // Nothing set (this binary reads neither variable anywhere else): an
+    // SQLite engine gets a fresh file.
+    // SAFETY: no other thread of this test binary reads these variables.
+    for var in diesel_runsync::testing::URL_VARIABLES {
+        unsafe { std::env::remove_var(var) };
+    }
+    let db = TestDatabase::<diesel::SqliteConnection>::new(SQLITE).await;
+    assert_eq!(rows(&db).await, 0);
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+    use diesel::PgConnection;
+
+    fn server() -> String {
+        <PgConnection as TestBackend>::server_url().unwrap()
+    }
+
+    #[tokio::test]
+    #[cfg_attr(runsync_skip_postgres, ignore = "PG_DATABASE_URL is not set")]
+    async fn databases_apart_and_dropped() {
+        two_databases_apart::<PgConnection>(&server(), || POSTGRES).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[cfg_attr(runsync_skip_postgres, ignore = "PG_DATABASE_URL is not set")]
+    async fn kept_on_failure() {
+        kept_when_the_test_fails::<PgConnection>(&server(), || POSTGRES).await;
+    }
+
+    /// Per-test set-up time: a copy of the template (migrated once) against
+    /// a fresh database migrated each time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[cfg_attr(runsync_skip_postgres, ignore = "PG_DATABASE_URL is not set")]
+    async fn template_vs_migrations() {
+        let server = server();
+        // The template is made by the first one.
+        drop(TestDatabase::<PgConnection>::on(&server, POSTGRES).await);
+        let rounds = 8;
+        let mut copied = Vec::new();
+        for _ in 0..rounds {
+            let started = Instant::now();
+            let db = TestDatabase::<PgConnection>::on(&server, POSTGRES).await;
+            copied.push(started.elapsed());
+            assert_eq!(rows(&db).await, 0);
+        }
+        let mut migrated = Vec::new();
+        for i in 0..rounds {
+            let name = format!("rst_{}_migrated_{i}", std::process::id());
+            let server = server.clone();
+            let started = Instant::now();
+            tokio::task::spawn_blocking(move || {
+                let mut admin = <PgConnection as diesel::Connection>::establish(&server).unwrap();
+                admin
+                    .batch_execute(&format!("CREATE DATABASE {name}"))
+                    .unwrap();
+                let url = format!("{}/{name}", server.rsplit_once('/').unwrap().0);
+                let parsed = diesel_runsync::DatabaseUrl::parse(&url).unwrap();
+                let mut conn = PgConnection::connect(&parsed).unwrap();
+                conn.run_pending_migrations(POSTGRES).unwrap();
+                drop(conn);
+                let took = started.elapsed();
+                admin
+                    .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+                    .unwrap();
+                took
+            })
+            .await
+            .map(|took| migrated.push(took))
+            .unwrap();
+        }
+        let median = |mut v: Vec<Duration>| {
+            v.sort();
+            v[v.len() / 2]
+        };
+        println!(
+            "FIGURE testing postgres: per-test set-up (20 migrations): template copy median {:?}, \
+             migrations each time median {:?} ({rounds} each)",
+            median(copied),
+            median(migrated)
+        );
+    }
+}
+
+#[cfg(feature = "mysql")]
+mod mysql {
+    use super::*;
+    use diesel::MysqlConnection;
+
+    fn server() -> String {
+        <MysqlConnection as TestBackend>::server_url().unwrap()
+    }
+
+    #[tokio::test]
+    #[cfg_attr(runsync_skip_mysql, ignore = "MYSQL_DATABASE_URL is not set")]
+    async fn databases_apart_and_dropped() {
+        two_databases_apart::<MysqlConnection>(&server(), || MYSQL).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[cfg_attr(runsync_skip_mysql, ignore = "MYSQL_DATABASE_URL is not set")]
+    async fn kept_on_failure() {
+        kept_when_the_test_fails::<MysqlConnection>(&server(), || MYSQL).await;
+    }
+}
