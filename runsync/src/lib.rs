@@ -53,6 +53,22 @@
 //! [`forward_poolable_connection!`] writes the `impl`, forwarding every
 //! method so that each backend keeps its guarantees.
 //!
+//! ## Guides
+//!
+//! - [`guide::deadlines`]: deadlines, and cancellation that reaches the server.
+//! - [`guide::streaming`]: rows as an async `Stream`, inside the transaction.
+//! - [`guide::failures`]: what happens on failure (errors, panics, dropped
+//!   futures, broken connections).
+//! - [`guide::backends`]: SQLite, PostgreSQL, MySQL/MariaDB; several in one type.
+#![cfg_attr(
+    feature = "postgres",
+    doc = "- [`guide::scale_out_postgres`]: failover, PgBouncer, read replicas."
+)]
+#![cfg_attr(
+    feature = "mysql",
+    doc = "- [`guide::scale_out_galera`]: MariaDB Galera Cluster."
+)]
+//!
 //! ## Layout
 //!
 //! - `url` — [`DatabaseUrl`]: the [`Backend`] a URL names, and a form safe to print.
@@ -87,7 +103,7 @@
 //!   ([`WritePosition`]).
 //! - `error` — [`Error`] and [`Retryable`]; which failures a failover
 //!   brings, and which retire a connection.
-//! - [`guide`] — the guides (scale-out on PostgreSQL, ...), as doc pages.
+//! - [`guide`] — the guides above, as doc pages.
 
 #![warn(missing_docs, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
