@@ -45,6 +45,7 @@
 //! | `mysql` | no | [`PoolableConnection`] for `diesel::MysqlConnection`; links the system libmysqlclient (`apt-get install default-libmysqlclient-dev`) |
 //! | `sqlite-bundled` | no | `sqlite`, with SQLite compiled in (`libsqlite3-sys/bundled`): needs only a C compiler |
 //! | `postgres-bundled` | no | `postgres`, with libpq compiled in (`pq-sys/bundled`); OpenSSL stays a system library |
+//! | `testing` | no | `testing::TestDatabase`: a database of its own per test, your migrations applied (for `[dev-dependencies]`) |
 //!
 //! There is no bundled MySQL: `mysqlclient-sys/bundled` needs cmake and is
 //! GPL-2.0-only, so it is left to the application to opt in. Any other
@@ -103,6 +104,8 @@
 //!   ([`WritePosition`]).
 //! - `error` — [`Error`] and [`Retryable`]; which failures a failover
 //!   brings, and which retire a connection.
+//! - `testing` (feature `testing`) — `TestDatabase`: a database per test,
+//!   migrated, dropped on success and kept on failure.
 //! - [`guide`] — the guides above, as doc pages.
 
 #![warn(missing_docs, unreachable_pub)]

@@ -27,6 +27,7 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(500);
 /// replica, and read-your-writes between them. Cheap to clone.
 ///
 /// ```no_run
+/// # #[cfg(feature = "postgres")]
 /// # async fn demo() -> Result<(), diesel_runsync::Error> {
 /// use diesel::prelude::*;
 /// use diesel_runsync::{Engine, EngineOptions, Replicated};

@@ -291,8 +291,10 @@ impl<C: PoolableConnection> AsyncSession<C> {
     /// returns [`Error::Timeout`] (converted into the closure's error type);
     /// its transaction is rolled back and the session refuses work until
     /// [`rollback`](Self::rollback), as after any failure. The deadline
-    /// counts from when the call has its connection (waiting for one is
-    /// bounded by [`connection_timeout`](crate::EngineOptions::connection_timeout)).
+    /// bounds the whole call, the wait for a pooled connection included (a
+    /// call that times out waiting for one has done nothing). A call whose
+    /// connection does not come back within [`ABANDON_AFTER`] of the
+    /// deadline (a server that does not answer) has it given up.
     pub fn set_statement_timeout(&mut self, timeout: Option<Duration>) {
         self.statement_timeout = timeout;
     }
