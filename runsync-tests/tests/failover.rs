@@ -12,6 +12,12 @@
 //! - connect errors and failover errors are retryable, `CommitOutcomeUnknown`
 //!   is not.
 
+// Every test here is of a server backend.
+#![cfg_attr(
+    not(all(feature = "postgres", feature = "mysql")),
+    allow(dead_code, unused_imports)
+)]
+
 mod common;
 
 use std::io::{Read, Write};

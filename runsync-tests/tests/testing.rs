@@ -8,6 +8,12 @@
 //! The migrations are this package's `migrations/<backend>/` (twenty
 //! tables, each with an index).
 
+// Some helpers serve the server backends only.
+#![cfg_attr(
+    not(all(feature = "postgres", feature = "mysql")),
+    allow(dead_code, unused_imports)
+)]
+
 #[allow(unused_macros, unused_imports)]
 mod common;
 

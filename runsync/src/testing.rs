@@ -54,7 +54,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use diesel::connection::SimpleConnection;
 use diesel::migration::MigrationSource;
 use diesel_migrations::MigrationHarness;
 
@@ -387,7 +386,13 @@ async fn purge_once(admin_url: &str, backend: Backend) {
 
 /// Runs `sql` on an administrative connection to the server `admin_url`
 /// names (the backend's own connection type, whatever the engine's is).
+#[cfg_attr(
+    not(any(feature = "postgres", feature = "mysql")),
+    allow(unused_variables)
+)]
 fn admin_exec(admin_url: &str, sql: &str) -> Result<(), String> {
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
+    use diesel::connection::SimpleConnection;
     let parsed = DatabaseUrl::parse(admin_url).map_err(|e| e.to_string())?;
     let scrub = |e: &dyn std::fmt::Display| parsed.scrub(&e.to_string());
     match parsed.backend() {
@@ -408,6 +413,10 @@ fn admin_exec(admin_url: &str, sql: &str) -> Result<(), String> {
 }
 
 /// The databases on the server whose names start with [`PREFIX`].
+#[cfg_attr(
+    not(any(feature = "postgres", feature = "mysql")),
+    allow(unused_variables, dead_code)
+)]
 fn list_databases(admin_url: &str, backend: Backend) -> Result<Vec<String>, String> {
     #[derive(diesel::QueryableByName)]
     struct Name {
