@@ -45,6 +45,7 @@
 //! | `mysql` | no | [`PoolableConnection`] for `diesel::MysqlConnection`; links the system libmysqlclient (`apt-get install default-libmysqlclient-dev`) |
 //! | `sqlite-bundled` | no | `sqlite`, with SQLite compiled in (`libsqlite3-sys/bundled`): needs only a C compiler |
 //! | `postgres-bundled` | no | `postgres`, with libpq compiled in (`pq-sys/bundled`); OpenSSL stays a system library |
+//! | `metrics` | no | operation and pool metrics through the [`metrics`](https://docs.rs/metrics) facade (the `observe` module's docs list them) |
 //!
 //! There is no bundled MySQL: `mysqlclient-sys/bundled` needs cmake and is
 //! GPL-2.0-only, so it is left to the application to opt in. Any other
@@ -76,6 +77,12 @@
 //!   connection to retire (an interrupted statement, a Galera node that
 //!   stopped serving); yours runs after it
 //!   ([`EngineOptions::instrumentation`]).
+//! - [`observe`] — spans, metrics and pool events: one `tracing` span per
+//!   operation (`db.run_sync`, `db.transaction`, `db.stream`, `db.commit`,
+//!   ...) entered on the blocking thread, metrics through the `metrics`
+//!   facade (feature `metrics`), named after OpenTelemetry's database
+//!   conventions; [`PoolEvent`], [`RetireReason`], [`SPAN_TARGET`]. Its
+//!   module docs list every span field and metric.
 //! - `error` — [`Error`] and [`Retryable`].
 
 #![warn(missing_docs, unreachable_pub)]
@@ -86,6 +93,7 @@ mod echo;
 mod engine;
 mod error;
 mod manager;
+pub mod observe;
 mod replica;
 mod retry;
 mod session;
@@ -96,6 +104,7 @@ pub use echo::SQL_TARGET;
 pub use engine::{Engine, EngineOptions, PoolStatus};
 pub use error::{Error, Retryable};
 pub use manager::{Access, MAX_CONNECT_BACKOFF, PoolableConnection, TimeoutScope, WritePosition};
+pub use observe::{PoolEvent, RetireReason, SPAN_TARGET};
 pub use replica::{DEFAULT_MAX_WAIT, ReadOn, Replicated};
 pub use retry::{FAILOVER_MIN_DELAY, Retried, RetryPolicy};
 pub use session::stream::{RowSink, RowStream, STREAM_BUFFER_ROWS, StreamingMode};
