@@ -280,7 +280,7 @@ macro_rules! op_span {
             db.operation.name = $op,
             db.client.connection.pool.name = &*$o.pool_name,
             server.address = $o.address.as_deref(),
-            server.port = $o.port,
+            server.port = $o.port.map(i64::from),
             db.runsync.pool_wait_ms = tracing::field::Empty,
             db.runsync.queue_wait_ms = tracing::field::Empty,
             db.runsync.run_ms = tracing::field::Empty,
@@ -372,7 +372,7 @@ impl Observe {
             db.operation.name = "transaction_with_retry",
             db.client.connection.pool.name = &*self.pool_name,
             server.address = self.address.as_deref(),
-            server.port = self.port,
+            server.port = self.port.map(i64::from),
             db.runsync.attempts = tracing::field::Empty,
             error.type = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
@@ -630,6 +630,35 @@ impl TaskObs {
                 .record("db.runsync.run_ms", millis(begun.elapsed()));
         }
         value
+    }
+}
+
+/// How an operation failed: with this crate's error (converted into the
+/// caller's error type at the end), or with the closure's own.
+pub(crate) enum Fail<E> {
+    Ours(Error),
+    Theirs(E),
+}
+
+impl<E> From<Error> for Fail<E> {
+    fn from(error: Error) -> Self {
+        Fail::Ours(error)
+    }
+}
+
+impl<E: From<Error> + 'static> Fail<E> {
+    /// The caller's error, and its `error.type`.
+    pub(crate) fn typed(self) -> (E, &'static str) {
+        match self {
+            Fail::Ours(e) => {
+                let kind = error_type(&e);
+                (e.into(), kind)
+            }
+            Fail::Theirs(e) => {
+                let kind = error_type_of(&e);
+                (e, kind)
+            }
+        }
     }
 }
 

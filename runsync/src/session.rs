@@ -42,9 +42,7 @@ use crate::cancel::{Canceller, OpWatch, Reason};
 use crate::engine::{Engine, Pooled};
 use crate::error::Error;
 use crate::manager::{PoolableConnection, Slot, WritePosition, rollback_all, transaction_depth};
-use crate::observe::{
-    Observe, Op, OpObs, RetireReason, diesel_error_type, error_type, error_type_of,
-};
+use crate::observe::{Fail, Observe, Op, OpObs, RetireReason, diesel_error_type, error_type};
 
 pub(crate) mod stream;
 
@@ -391,8 +389,17 @@ impl<C: PoolableConnection> AsyncSession<C> {
             .run_sync_observed(f, commit, timeout, &obs)
             .instrument(obs.span().clone())
             .await;
-        obs.finish(result.as_ref().err().map(error_type_of));
-        result
+        match result {
+            Ok(value) => {
+                obs.finish(None);
+                Ok(value)
+            }
+            Err(fail) => {
+                let (error, kind) = fail.typed();
+                obs.finish(Some(kind));
+                Err(error)
+            }
+        }
     }
 
     async fn run_sync_observed<R, E, F>(
@@ -401,7 +408,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
         commit: bool,
         timeout: Option<Duration>,
         obs: &OpObs,
-    ) -> Result<R, E>
+    ) -> Result<R, Fail<E>>
     where
         F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
@@ -520,7 +527,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
             }
             Step::Failed(e) => {
                 self.state = State::Failed("the run_sync closure returned an error".into());
-                Err(e)
+                Err(Fail::Theirs(e))
             }
             Step::Unbalanced(depth) => {
                 self.state =

@@ -62,7 +62,7 @@ use super::{AsyncSession, CancelFlag, DoneSignal, State, Step, run_operation};
 use crate::engine::Pooled;
 use crate::error::Error;
 use crate::manager::{PoolableConnection, rollback_all};
-use crate::observe::{Op, OpObs, error_type, error_type_of};
+use crate::observe::{Fail, Op, OpObs, error_type, error_type_of};
 
 /// Most rows in one batch on the channel.
 const BATCH_ROWS: usize = 256;
@@ -286,6 +286,7 @@ pub struct RowStream<'s, C: PoolableConnection, T, E> {
     /// Wakes a waiting consumer to take rows gathered by a stalled producer.
     tick: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The stream's span and clock, until it ends, and how its error is typed.
+    /// How the producer's own error is typed (`error.type`).
     obs: Option<(OpObs, fn(&E) -> &'static str)>,
 }
 
@@ -597,14 +598,25 @@ impl<C: PoolableConnection, T, E: From<Error>> RowStream<'_, C, T, E> {
     /// The producer's task has ended: the session takes its connection
     /// back and its state from the producer's outcome, as `run_sync` does.
     fn finish(&mut self, joined: Result<(), tokio::task::JoinError>) -> Result<(), E> {
-        let result = self.take_back(joined);
-        if let Some((obs, classify)) = self.obs.take() {
-            obs.finish(result.as_ref().err().map(classify));
+        let obs = self.obs.take();
+        let (result, kind) = match self.take_back(joined) {
+            Ok(()) => (Ok(()), None),
+            Err(Fail::Ours(e)) => {
+                let kind = error_type(&e);
+                (Err(e.into()), Some(kind))
+            }
+            Err(Fail::Theirs(e)) => {
+                let kind = obs.as_ref().map(|(_, classify)| classify(&e));
+                (Err(e), kind)
+            }
+        };
+        if let Some((obs, _)) = obs {
+            obs.finish(kind);
         }
         result
     }
 
-    fn take_back(&mut self, joined: Result<(), tokio::task::JoinError>) -> Result<(), E> {
+    fn take_back(&mut self, joined: Result<(), tokio::task::JoinError>) -> Result<(), Fail<E>> {
         if let Some(flag) = self.flag.take() {
             flag.disarm();
         }
@@ -629,7 +641,7 @@ impl<C: PoolableConnection, T, E: From<Error>> RowStream<'_, C, T, E> {
             }
             Step::Failed(e) => {
                 session.state = State::Failed("the stream's producer returned an error".into());
-                Err(e)
+                Err(Fail::Theirs(e))
             }
             Step::Unbalanced(depth) => {
                 session.state = State::Failed(
