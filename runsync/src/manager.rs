@@ -342,6 +342,7 @@ impl PoolableConnection for diesel::PgConnection {
 }
 
 /// What a read-write engine's connection to a read-only PostgreSQL node reports.
+#[cfg(feature = "postgres")]
 pub(crate) const NOT_WRITABLE: &str = "this server is read-only (a standby, a demoted primary or \
      default_transaction_read_only = on); a read-write engine opens its connections on a writable \
      node: list every node in the URL with target_session_attrs=read-write, or use a read-only \

@@ -159,6 +159,7 @@ impl DatabaseUrl {
     }
 
     /// The TCP ports a PostgreSQL URL names (5432 where a host gives none).
+    #[cfg(feature = "postgres")]
     pub(crate) fn ports(&self) -> Vec<u16> {
         let authority = host_part(&self.raw);
         let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);

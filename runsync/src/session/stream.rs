@@ -230,8 +230,13 @@ struct Handoff<C: PoolableConnection, E> {
     abandoned: bool,
 }
 
+/// The `error.type` of a producer's own error.
+type Classify<E> = fn(&E) -> &'static str;
+
 /// The session a stream works for: borrowed ([`AsyncSession::stream`]) or
 /// owned ([`AsyncSession::into_stream`]).
+// The owned session moves in once per stream: not worth a box.
+#[allow(clippy::large_enum_variant)]
 enum Holder<'s, C: PoolableConnection> {
     Borrowed(&'s mut AsyncSession<C>),
     Owned(AsyncSession<C>),
@@ -287,7 +292,7 @@ pub struct RowStream<'s, C: PoolableConnection, T, E> {
     tick: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The stream's span and clock, until it ends, and how its error is typed.
     /// How the producer's own error is typed (`error.type`).
-    obs: Option<(OpObs, fn(&E) -> &'static str)>,
+    obs: Option<(OpObs, Classify<E>)>,
 }
 
 impl<C: PoolableConnection, T, E> std::fmt::Debug for RowStream<'_, C, T, E> {
@@ -498,7 +503,7 @@ struct Started<C: PoolableConnection, T, E> {
     task: JoinHandle<()>,
     handoff: Arc<Mutex<Handoff<C, E>>>,
     flag: CancelFlag,
-    obs: (OpObs, fn(&E) -> &'static str),
+    obs: (OpObs, Classify<E>),
 }
 
 impl<C: PoolableConnection, T, E> Started<C, T, E> {
