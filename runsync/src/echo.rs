@@ -4,6 +4,13 @@
 //! when the engine's `echo` option is on, at `DEBUG` otherwise, so
 //! `RUST_LOG=diesel_runsync::sql=debug` shows them without the option.
 //! `BEGIN`, `COMMIT` and `ROLLBACK` appear as the statements they are.
+//! Each statement event carries the fields `db.query.text` (the SQL alone,
+//! never its bind values) and `db.runsync.duration_ms`; inside an
+//! operation, it is an event of the operation's span (see `observe`).
+//! With a slow-statement threshold
+//! ([`EngineOptions::slow_statement_threshold`](crate::EngineOptions::slow_statement_threshold)),
+//! statements slower than it are logged at `WARN` on the same target, with
+//! their SQL (no bind values) and duration, whether the echo is on or not.
 //! Connection URLs are always redacted, and connection errors scrubbed.
 
 use std::sync::atomic::{AtomicU8, Ordering};
