@@ -13,14 +13,27 @@
 //! - `GET /parents/{id}`: one parent with its children, or 404;
 //! - `POST /parents` with `{"data": "a1", "children": [null, "x"]}`: inserts
 //!   a parent and its children in one transaction (`insert_families`) and
-//!   answers 201 with what was stored.
+//!   answers 201 with what was stored;
+//! - `GET /metrics`: the engine's metrics (diesel-runsync's `metrics`
+//!   feature) in Prometheus' text format, through `metrics-exporter-prometheus`.
+//!
+//! Each request runs in an `http.request` span; the engine's operation
+//! spans (`db.run_sync`, `db.commit`, ...) are its children, and the SQL
+//! statements their events. With `RUNSYNC_SPANS_FILE` set, spans are
+//! exported the OpenTelemetry way (`tracing-opentelemetry` into the
+//! OpenTelemetry SDK) to that file, one JSON object per span and line
+//! (name, ids, kind, status, attributes, events); statements are in it
+//! when `RUST_LOG` lets `diesel_runsync::sql=debug` through (or with
+//! `RUNSYNC_ECHO`).
 //!
 //! Errors are JSON too: `{"error": "..."}`, 4xx for bad requests, 503 when
 //! no connection can be had, 500 otherwise.
 //!
 //! Settings come from the environment (or `.env`): `DATABASE_URL` (default
 //! `runsync.db`), `RUNSYNC_POOL_SIZE` (default 8), `RUNSYNC_POOL_TIMEOUT`
-//! (seconds, default 30), `RUNSYNC_ECHO` (log every statement), `BIND`
+//! (seconds, default 30), `RUNSYNC_ECHO` (log every statement),
+//! `RUNSYNC_SLOW_STATEMENT_MS` (warn about statements slower than this),
+//! `RUNSYNC_SPANS_FILE` (export spans there), `BIND`
 //! (default `127.0.0.1:3000`), `RUST_LOG` (default `info`). Pending
 //! migrations are applied at start-up; nothing is dropped. Ctrl-C or
 //! SIGTERM stops accepting connections and lets requests in flight finish.
@@ -32,19 +45,24 @@
 //! curl -s localhost:3000/parents
 //! curl -sN localhost:3000/parents/stream
 //! curl -s localhost:3000/health
+//! curl -s localhost:3000/metrics
 //! ```
 //!
 //! `tests/http_service.rs` includes this file as a module and drives
 //! [`router`] over loopback.
 
 use std::future::Future;
+use std::io::Write as _;
 use std::net::SocketAddr;
+use std::path::{Path as FsPath, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Request, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -54,8 +72,13 @@ use greenlet_orm::migrations::create_all;
 use greenlet_orm::queries::{for_each_family, insert_families, load_families};
 use greenlet_orm::schema::{a, b};
 use greenlet_orm::{A, AnyConnection, B, DemoError, Family};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tracing::Instrument as _;
 
 /// The service's settings, read from the environment.
 #[derive(Debug, Clone)]
@@ -64,8 +87,11 @@ pub struct Config {
     pub database_url: String,
     /// `BIND`.
     pub bind: SocketAddr,
-    /// `RUNSYNC_POOL_SIZE`, `RUNSYNC_POOL_TIMEOUT`, `RUNSYNC_ECHO`.
+    /// `RUNSYNC_POOL_SIZE`, `RUNSYNC_POOL_TIMEOUT`, `RUNSYNC_ECHO`,
+    /// `RUNSYNC_SLOW_STATEMENT_MS`.
     pub options: EngineOptions,
+    /// `RUNSYNC_SPANS_FILE`: where spans are exported (JSON lines).
+    pub spans_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -121,7 +147,17 @@ impl Config {
                     30,
                     "a number of seconds",
                 )?))
-                .echo(echo),
+                .echo(echo)
+                .slow_statement_threshold(
+                    var("RUNSYNC_SLOW_STATEMENT_MS")
+                        .map(|v| {
+                            v.trim().parse().map(Duration::from_millis).map_err(|_| {
+                                format!("RUNSYNC_SLOW_STATEMENT_MS={v:?} is not a number of milliseconds")
+                            })
+                        })
+                        .transpose()?,
+                ),
+            spans_file: var("RUNSYNC_SPANS_FILE").map(PathBuf::from),
         })
     }
 }
@@ -145,7 +181,140 @@ pub fn router(engine: Engine<AnyConnection>) -> Router {
         .route("/parents", get(list_parents).post(create_parent))
         .route("/parents/stream", get(stream_parents))
         .route("/parents/{id}", get(get_parent))
+        .route("/metrics", get(render_metrics))
+        .layer(axum::middleware::from_fn(request_span))
         .with_state(engine)
+}
+
+/// Runs each request in an `http.request` span: the parent of the
+/// engine's operation spans.
+async fn request_span(request: Request<axum::body::Body>, next: Next) -> Response {
+    let span = tracing::info_span!(
+        "http.request",
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        url.path = %request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
+}
+
+/// The process's Prometheus recorder, once installed ([`install_metrics`]).
+static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder as the process's `metrics` recorder
+/// (once; later calls return the same handle). Call it before
+/// `Engine::connect`: an engine registers its metrics when it connects.
+pub fn install_metrics() -> PrometheusHandle {
+    METRICS
+        .get_or_init(|| {
+            // Seconds, from 100 µs to 10 s.
+            let buckets = [
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0,
+            ];
+            PrometheusBuilder::new()
+                .set_buckets(&buckets)
+                .expect("non-empty buckets")
+                .install_recorder()
+                .expect("no other metrics recorder is installed")
+        })
+        .clone()
+}
+
+/// `GET /metrics`: Prometheus' text format.
+async fn render_metrics() -> Response {
+    match METRICS.get() {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError(StatusCode::NOT_FOUND, "metrics are not installed".into()).into_response(),
+    }
+}
+
+/// An OpenTelemetry span exporter writing one JSON object per span and
+/// line to a file: name, trace and span ids, parent id, kind, status,
+/// attributes and events (each with its attributes).
+#[derive(Debug)]
+pub struct JsonLinesExporter(Mutex<std::fs::File>);
+
+impl JsonLinesExporter {
+    /// Appends to `path` (created if missing).
+    pub fn create(path: &FsPath) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(JsonLinesExporter(Mutex::new(file)))
+    }
+}
+
+fn attributes(pairs: &[opentelemetry::KeyValue]) -> serde_json::Map<String, serde_json::Value> {
+    use opentelemetry::Value as V;
+    pairs
+        .iter()
+        .map(|kv| {
+            let value = match &kv.value {
+                V::Bool(b) => serde_json::json!(b),
+                V::I64(i) => serde_json::json!(i),
+                V::F64(f) => serde_json::json!(f),
+                other => serde_json::json!(other.to_string()),
+            };
+            (kv.key.to_string(), value)
+        })
+        .collect()
+}
+
+impl SpanExporter for JsonLinesExporter {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let mut lines = String::new();
+        for span in batch {
+            let parent = span.parent_span_id;
+            let line = serde_json::json!({
+                "name": span.name,
+                "trace_id": span.span_context.trace_id().to_string(),
+                "span_id": span.span_context.span_id().to_string(),
+                "parent_span_id": (parent != opentelemetry::trace::SpanId::INVALID)
+                    .then(|| parent.to_string()),
+                "kind": format!("{:?}", span.span_kind),
+                "status": format!("{:?}", span.status),
+                "attributes": attributes(&span.attributes),
+                "events": span.events.iter().map(|event| serde_json::json!({
+                    "name": event.name,
+                    "attributes": attributes(&event.attributes),
+                })).collect::<Vec<_>>(),
+            });
+            lines.push_str(&line.to_string());
+            lines.push('\n');
+        }
+        let mut file = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        file.write_all(lines.as_bytes())
+            .and_then(|()| file.flush())
+            .map_err(|e| opentelemetry_sdk::error::OTelSdkError::InternalFailure(e.to_string()))
+    }
+}
+
+/// A `tracing` layer that exports spans through the OpenTelemetry SDK to
+/// `path` ([`JsonLinesExporter`]), each as it ends. Keep the provider
+/// alive (and shut it down at exit) for as long as spans are exported.
+pub fn spans_to_file<S>(
+    path: &FsPath,
+) -> std::io::Result<(
+    tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>,
+    SdkTracerProvider,
+)>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(JsonLinesExporter::create(path)?)
+        .build();
+    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("greenlet-orm"));
+    Ok((layer, provider))
 }
 
 /// Serves [`router`] on `listener` until `shutdown` completes, then waits
@@ -378,20 +547,47 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    let (spans, provider) = match config.spans_file.as_deref().map(spans_to_file).transpose() {
+        Ok(Some((layer, provider))) => (Some(layer), Some(provider)),
+        Ok(None) => (None, None),
+        Err(e) => {
+            eprintln!("error: cannot write spans to RUNSYNC_SPANS_FILE: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(spans)
         .init();
-    match run(config).await {
+    // Before the engine connects: it registers its metrics then.
+    let metrics = install_metrics();
+    tokio::spawn(async move {
+        // Drains the histograms' buffers between scrapes.
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            metrics.run_upkeep();
+        }
+    });
+    let code = match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    };
+    if let Some(provider) = provider {
+        let _ = provider.shutdown();
     }
+    code
 }
 
 async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {

@@ -346,3 +346,304 @@ fn config_reads_its_variables_and_names_a_bad_one() {
         assert!(err.starts_with(name), "{err}");
     }
 }
+
+/// The process's telemetry, installed once for this test binary: the
+/// example's Prometheus recorder, and its OpenTelemetry span exporter into
+/// a JSON-lines file (statements included: `diesel_runsync::sql=debug`).
+fn telemetry() -> &'static std::path::Path {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    static SPANS: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    SPANS.get_or_init(|| {
+        service::install_metrics();
+        let dir = tempfile::tempdir().unwrap().keep();
+        let path = dir.join("spans.jsonl");
+        let (layer, provider) = service::spans_to_file(&path).unwrap();
+        // Exports for as long as the test binary runs.
+        std::mem::forget(provider);
+        let filter = tracing_subscriber::EnvFilter::new("info,diesel_runsync::sql=debug");
+        tracing_subscriber::registry()
+            .with(layer.with_filter(filter))
+            .init();
+        path
+    })
+}
+
+/// One series of a Prometheus scrape: name, labels, value.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+/// Parses Prometheus' text format (comments skipped).
+fn parse_prometheus(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').expect("a value");
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let mut pairs = Vec::new();
+            let mut rest = labels;
+            while let Some((key, after)) = rest.split_once("=\"") {
+                let end = after.find('"').expect("a closing quote");
+                pairs.push((
+                    key.trim_start_matches(',').to_owned(),
+                    after[..end].to_owned(),
+                ));
+                rest = &after[end + 1..];
+            }
+            Sample {
+                name: name.to_owned(),
+                labels: pairs,
+                value: value.parse().unwrap_or(f64::NAN),
+            }
+        })
+        .collect()
+}
+
+/// A scrape of `GET /metrics`, restricted to the pool `pool`.
+struct Scrape {
+    samples: Vec<Sample>,
+    pool: String,
+}
+
+impl Scrape {
+    async fn take(addr: SocketAddr, pool: &str) -> Scrape {
+        let reply = request(addr, "GET", "/metrics", None).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert!(
+            reply
+                .header("content-type")
+                .is_some_and(|t| t.starts_with("text/plain"))
+        );
+        Scrape {
+            samples: parse_prometheus(&reply.body),
+            pool: pool.to_owned(),
+        }
+    }
+
+    /// The sum of the series `name` of this pool whose labels include `with`.
+    fn sum(&self, name: &str, with: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|s| s.name == name)
+            .filter(|s| {
+                s.labels
+                    .iter()
+                    .any(|(k, v)| k == "db_client_connection_pool_name" && *v == self.pool)
+            })
+            .filter(|s| {
+                with.iter()
+                    .all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|s| s.value)
+            .sum()
+    }
+}
+
+/// The spans exported so far, one JSON object each.
+fn exported_spans(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+per_backend!(metrics_and_spans_show_the_work_and_the_waits, multi_thread);
+async fn metrics_and_spans_show_the_work_and_the_waits(db: TestDb) {
+    let spans_file = telemetry();
+    let pool = format!("obs-{}", db.backend.name());
+    let options = EngineOptions::default()
+        .max_size(2)
+        .connection_timeout(Duration::from_millis(600))
+        .pool_name(pool.clone());
+    let engine = service::connect(&db.url, options)
+        .await
+        .expect("engine and migrations");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(service::serve(listener, engine.clone(), async {
+        let _ = stopped.await;
+    }));
+    let created = request(addr, "POST", "/parents", Some(r#"{"data": "a1"}"#)).await;
+    assert_eq!(created.status, 201, "{}", created.body);
+
+    // Under load: every operation is counted and timed.
+    let before = Scrape::take(addr, &pool).await;
+    let gets = (0..20).map(|_| tokio::spawn(request(addr, "GET", "/parents/1", None)));
+    for get in gets {
+        assert_eq!(get.await.unwrap().status, 200);
+    }
+    let after = Scrape::take(addr, &pool).await;
+    let grew = |name: &str, with: &[(&str, &str)]| after.sum(name, with) - before.sum(name, with);
+    let run_sync = [("db_operation_name", "run_sync")];
+    let commit = [("db_operation_name", "commit")];
+    assert_eq!(grew("db_client_operation_duration_count", &run_sync), 20.0);
+    assert_eq!(grew("db_client_operation_duration_count", &commit), 20.0);
+    assert!(grew("db_client_operation_duration_sum", &run_sync) > 0.0);
+    assert_eq!(
+        after.sum(
+            "db_client_operation_duration_count",
+            &[(
+                "db_system_name",
+                db.backend.name().replace("postgres", "postgresql").as_str()
+            )]
+        ),
+        after.sum("db_client_operation_duration_count", &[])
+    );
+    // Each operation is one hop through the blocking queue, and one checkout.
+    assert_eq!(grew("db_runsync_queue_wait_count", &[]), 40.0);
+    assert_eq!(grew("db_client_connection_wait_time_count", &[]), 20.0);
+    assert_eq!(grew("db_client_connection_use_time_count", &[]), 20.0);
+    assert!(after.sum("db_client_connection_create_time_count", &[]) >= 1.0);
+    assert_eq!(after.sum("db_client_connection_max", &[]), 2.0);
+    let state = |s: &Scrape, state: &str| {
+        s.sum(
+            "db_client_connection_count",
+            &[("db_client_connection_state", state)],
+        )
+    };
+    assert_eq!(state(&after, "used"), 0.0);
+    let open = engine.status().connections as f64;
+    assert_eq!(state(&after, "idle"), open, "{:?}", engine.status());
+    assert_eq!(after.sum("db_client_connection_pending_requests", &[]), 0.0);
+
+    // The pool exhausted: a request waits, and its wait shows.
+    let hold = (engine.begin().await.unwrap(), engine.begin().await.unwrap());
+    let waiting = tokio::spawn(request(addr, "GET", "/parents/1", None));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let exhausted = Scrape::take(addr, &pool).await;
+    assert_eq!(
+        exhausted.sum("db_client_connection_pending_requests", &[]),
+        1.0
+    );
+    assert_eq!(state(&exhausted, "used"), 2.0);
+    drop(hold.0);
+    assert_eq!(waiting.await.unwrap().status, 200);
+    let waited = Scrape::take(addr, &pool).await;
+    let wait_sum = |s: &Scrape| s.sum("db_client_connection_wait_time_sum", &[]);
+    assert!(
+        wait_sum(&waited) - wait_sum(&exhausted) >= 0.25,
+        "{} s",
+        wait_sum(&waited) - wait_sum(&exhausted)
+    );
+    // And past the connection timeout: a 503, counted.
+    let hold = (hold.1, engine.begin().await.unwrap());
+    let refused = request(addr, "GET", "/parents/1", None).await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    drop(hold);
+    let timed_out = Scrape::take(addr, &pool).await;
+    assert_eq!(timed_out.sum("db_client_connection_timeouts", &[]), 1.0);
+    assert_eq!(
+        timed_out.sum(
+            "db_client_operation_duration_count",
+            &[
+                ("db_operation_name", "run_sync"),
+                ("error_type", "pool_timeout")
+            ]
+        ),
+        1.0
+    );
+
+    // One request's exported span tree: the request, its operations, and
+    // their statements, with the conventions' attribute names.
+    let mut found = None;
+    for _ in 0..100 {
+        let spans = exported_spans(spans_file);
+        let mine = |s: &&Value| s["attributes"]["db.client.connection.pool.name"] == pool.as_str();
+        let requests: Vec<&Value> = spans
+            .iter()
+            .filter(|s| s["name"] == "http.request" && s["attributes"]["url.path"] == "/parents/1")
+            .collect();
+        // The request that waited for the pool: its run_sync span says so.
+        found = spans
+            .iter()
+            .filter(mine)
+            .filter(|s| s["name"] == "db.run_sync")
+            .filter(|s| s["attributes"]["db.runsync.pool_wait_ms"].as_f64() >= Some(250.0))
+            .find_map(|op| {
+                let parent = requests
+                    .iter()
+                    .find(|r| r["span_id"] == op["parent_span_id"])?;
+                let commit = spans.iter().filter(mine).find(|s| {
+                    s["name"] == "db.commit" && s["parent_span_id"] == parent["span_id"]
+                })?;
+                Some(((*parent).clone(), op.clone(), commit.clone()))
+            });
+        if found.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (parent, op, commit) = found.expect("the waiting request's spans, exported");
+    assert_eq!(parent["trace_id"], op["trace_id"]);
+    assert_eq!(op["kind"], "Client");
+    let attributes = &op["attributes"];
+    let system = match db.backend.name() {
+        "postgres" => "postgresql",
+        other => other,
+    };
+    assert_eq!(attributes["db.system.name"], system, "{op}");
+    assert_eq!(attributes["db.operation.name"], "run_sync");
+    assert!(attributes["db.namespace"].is_string(), "{op}");
+    if system == "sqlite" {
+        assert!(attributes.get("server.address").is_none(), "{op}");
+    } else {
+        assert!(attributes["server.address"].is_string(), "{op}");
+        assert!(attributes["server.port"].as_i64().is_some(), "{op}");
+    }
+    for wait in [
+        "db.runsync.pool_wait_ms",
+        "db.runsync.queue_wait_ms",
+        "db.runsync.run_ms",
+    ] {
+        assert!(attributes[wait].as_f64().is_some(), "{wait}: {op}");
+    }
+    assert!(attributes.get("error.type").is_none(), "{op}");
+    // The statements, as events of the operation span, with their SQL and
+    // without their bind values.
+    let statements: Vec<&str> = op["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["attributes"]["db.query.text"].as_str())
+        .collect();
+    assert!(
+        statements
+            .iter()
+            .any(|sql| sql.to_uppercase().starts_with("SELECT")),
+        "{op}"
+    );
+    assert!(statements.iter().all(|sql| !sql.contains("binds")), "{op}");
+    assert_eq!(commit["attributes"]["db.operation.name"], "commit");
+    let committed: Vec<&str> = commit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["attributes"]["db.query.text"].as_str())
+        .collect();
+    assert_eq!(committed, ["COMMIT"], "{commit}");
+    // The request that timed out: its span says why.
+    let spans = exported_spans(spans_file);
+    assert!(
+        spans.iter().any(|s| s["name"] == "db.run_sync"
+            && s["attributes"]["db.client.connection.pool.name"] == pool.as_str()
+            && s["attributes"]["error.type"] == "pool_timeout"),
+        "no failed run_sync span"
+    );
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("serve returns within 10 s of the shutdown signal")
+        .expect("the server task did not panic")
+        .expect("serve ended without an I/O error");
+}

@@ -274,10 +274,21 @@ pub(crate) struct OpWatch {
     shared: Mutex<Shared>,
     delivered: Condvar,
     canceller: Option<Canceller>,
+    /// Counts the cancels and terminations sent (`db.runsync.cancels`).
+    observe: Option<Arc<crate::observe::Observe>>,
 }
 
 impl OpWatch {
+    #[cfg(test)]
     pub(crate) fn new(canceller: Option<Canceller>) -> Arc<Self> {
+        Self::observed(canceller, None)
+    }
+
+    /// A watch whose cancels, when sent, are counted in `observe`.
+    pub(crate) fn observed(
+        canceller: Option<Canceller>,
+        observe: Option<Arc<crate::observe::Observe>>,
+    ) -> Arc<Self> {
         Arc::new(OpWatch {
             shared: Mutex::new(Shared {
                 phase: Phase::Before,
@@ -288,6 +299,7 @@ impl OpWatch {
             }),
             delivered: Condvar::new(),
             canceller,
+            observe,
         })
     }
 
@@ -414,8 +426,13 @@ impl OpWatch {
         } else {
             canceller.cancel()
         };
-        if let Err(e) = sent {
-            tracing::warn!("could not cancel a running statement: {e}");
+        match sent {
+            Err(e) => tracing::warn!("could not cancel a running statement: {e}"),
+            Ok(()) => {
+                if let Some(observe) = &self.observe {
+                    observe.cancel_sent(terminate);
+                }
+            }
         }
         let mut shared = self.lock();
         shared.delivering = false;

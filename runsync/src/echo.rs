@@ -4,15 +4,23 @@
 //! when the engine's `echo` option is on, at `DEBUG` otherwise, so
 //! `RUST_LOG=diesel_runsync::sql=debug` shows them without the option.
 //! `BEGIN`, `COMMIT` and `ROLLBACK` appear as the statements they are.
+//! Each statement event carries the fields `db.query.text` (the SQL alone,
+//! never its bind values) and `db.runsync.duration_ms`; inside an
+//! operation, it is an event of the operation's span (see `observe`).
+//! With a slow-statement threshold
+//! ([`EngineOptions::slow_statement_threshold`](crate::EngineOptions::slow_statement_threshold)),
+//! statements slower than it are logged at `WARN` on the same target, with
+//! their SQL (no bind values) and duration, whether the echo is on or not.
 //! Connection URLs are always redacted, and connection errors scrubbed.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
 
 use crate::error::failover_error;
+use crate::observe::RetireReason;
 use crate::url::{Backend, redact, scrub_message};
 
 /// The `tracing` target of statement events.
@@ -30,7 +38,9 @@ pub(crate) type Lost = Arc<Mutex<Option<(u32, String)>>>;
 /// that says its server cannot serve this engine any more (a failover:
 /// read-only for a read-write engine, terminated, shutting down, the
 /// connection gone; see `error::failover_error`).
-pub(crate) type Retire = Arc<AtomicBool>;
+///
+/// Holds the [`RetireReason`]'s code (0: none).
+pub(crate) type Retire = Arc<AtomicU8>;
 
 /// A Diesel [`Instrumentation`] that reports statements to `tracing`, and
 /// records in [`Lost`] a failed statement that lost the open transaction:
@@ -56,6 +66,8 @@ pub(crate) struct SqlEcho {
     depth: u32,
     lost: Lost,
     retire: Retire,
+    /// Statements slower than this are logged at `WARN`, echo or not.
+    slow: Option<Duration>,
     /// The user's instrumentation: every event, after this one's.
     then: Option<Box<dyn Instrumentation>>,
 }
@@ -90,8 +102,15 @@ impl SqlEcho {
             depth: 0,
             lost,
             retire,
+            slow: None,
             then: None,
         }
+    }
+
+    /// Logs statements slower than `threshold` at `WARN` (`None`: none).
+    pub(crate) fn slow_statement_threshold(mut self, threshold: Option<Duration>) -> Self {
+        self.slow = threshold;
+        self
     }
 
     /// Hands every event on to `then` as well, after this one.
@@ -104,10 +123,13 @@ impl SqlEcho {
     /// which may be off).
     fn track(&mut self, event: &InstrumentationEvent<'_>) {
         if let InstrumentationEvent::FinishQuery { error: Some(e), .. } = event {
-            if (self.backend == Some(Backend::Mysql) && retires_mysql_connection(e))
-                || self.cannot_serve(e)
-            {
-                self.retire.store(true, Ordering::Release);
+            let reason = match self.backend {
+                Some(Backend::Mysql) => retires_mysql_connection(e),
+                _ => None,
+            }
+            .or_else(|| self.cannot_serve(e));
+            if let Some(reason) = reason {
+                self.retire.store(reason as u8, Ordering::Release);
             }
         }
         match event {
@@ -149,11 +171,11 @@ impl SqlEcho {
     /// Whether a failed statement says this connection's server can no
     /// longer serve the engine ([`failover_error`]): gone, terminated,
     /// shutting down, or read-only for a read-write engine.
-    fn cannot_serve(&self, error: &diesel::result::Error) -> bool {
+    fn cannot_serve(&self, error: &diesel::result::Error) -> Option<RetireReason> {
         match failover_error(error) {
-            None => false,
-            Some("read-only") => self.access == Some(crate::manager::Access::ReadWrite),
-            Some(_) => true,
+            None => None,
+            Some("read-only") if self.access != Some(crate::manager::Access::ReadWrite) => None,
+            Some(kind) => Some(RetireReason::from_failover(kind)),
         }
     }
 
@@ -179,8 +201,12 @@ macro_rules! report {
 impl Instrumentation for SqlEcho {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
         self.track(&event);
-        if self.enabled() {
-            self.report(&event);
+        let echo = self.enabled();
+        let slow = self
+            .slow
+            .filter(|_| tracing::enabled!(target: SQL_TARGET, tracing::Level::WARN));
+        if echo || slow.is_some() {
+            self.report(&event, echo, slow);
         }
         if let Some(then) = &mut self.then {
             then.on_connection_event(event);
@@ -189,22 +215,45 @@ impl Instrumentation for SqlEcho {
 }
 
 impl SqlEcho {
-    /// The echo: statements with their durations, connections.
-    fn report(&mut self, event: &InstrumentationEvent<'_>) {
+    /// The echo (`echo`): statements with their durations, connections;
+    /// and statements slower than `slow`. Each statement event carries
+    /// `db.query.text` (the SQL without its bind values) and
+    /// `db.runsync.duration_ms`; the echo's message shows the binds too.
+    fn report(&mut self, event: &InstrumentationEvent<'_>, echo: bool, slow: Option<Duration>) {
         match event {
             InstrumentationEvent::StartQuery { .. } => self.started = Some(Instant::now()),
             InstrumentationEvent::FinishQuery { query, error, .. } => {
-                let ms = self
-                    .started
-                    .take()
-                    .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+                let took = self.started.take().map(|t| t.elapsed());
+                let is_slow = matches!((took, slow), (Some(took), Some(limit)) if took >= limit);
+                if !echo && !is_slow {
+                    return;
+                }
+                let ms = took.map_or(0.0, |t| t.as_secs_f64() * 1e3);
+                let shown = query.to_string();
+                let sql = without_binds(&shown);
                 match error {
-                    None => report!(self.echo, "{query} [{ms:.3} ms]"),
-                    Some(e) => {
-                        tracing::warn!(target: SQL_TARGET, "{query} [{ms:.3} ms] failed: {e}")
-                    }
+                    None if echo => report!(
+                        self.echo,
+                        { db.query.text = sql, db.runsync.duration_ms = ms },
+                        "{shown} [{ms:.3} ms]"
+                    ),
+                    None => {}
+                    Some(e) if echo => tracing::warn!(
+                        target: SQL_TARGET,
+                        { db.query.text = sql, db.runsync.duration_ms = ms },
+                        "{shown} [{ms:.3} ms] failed: {e}"
+                    ),
+                    Some(_) => {}
+                }
+                if is_slow {
+                    tracing::warn!(
+                        target: SQL_TARGET,
+                        { db.query.text = sql, db.runsync.duration_ms = ms },
+                        "slow statement [{ms:.3} ms]: {sql}"
+                    );
                 }
             }
+            _ if !echo => {}
             InstrumentationEvent::FinishEstablishConnection { url, error, .. } => match error {
                 None => report!(self.echo, "connected to {}", redact(url)),
                 Some(e) => tracing::warn!(
@@ -217,6 +266,14 @@ impl SqlEcho {
             _ => {}
         }
     }
+}
+
+/// The SQL of Diesel's query display, without the `-- binds: [...]` it
+/// appends: cut at the first marker, so a bind value never shows.
+fn without_binds(shown: &str) -> &str {
+    shown
+        .split_once(" -- binds: ")
+        .map_or(shown, |(sql, _)| sql)
 }
 
 /// Whether a MySQL/MariaDB error rolled the whole transaction back: a
@@ -237,13 +294,18 @@ fn loses_mysql_transaction(error: &diesel::result::Error) -> bool {
 /// `max_statement_time`: 1969, MySQL's `MAX_EXECUTION_TIME`: 3024; all
 /// three messages begin the same way), or a Galera node that does not
 /// serve (1047).
-fn retires_mysql_connection(error: &diesel::result::Error) -> bool {
+fn retires_mysql_connection(error: &diesel::result::Error) -> Option<RetireReason> {
     match error {
         diesel::result::Error::DatabaseError(_, info) => {
             let message = info.message();
-            message.starts_with("Query execution was interrupted")
-                || message.contains(crate::error::WSREP_NOT_READY)
+            if message.starts_with("Query execution was interrupted") {
+                Some(RetireReason::Interrupted)
+            } else if message.contains(crate::error::WSREP_NOT_READY) {
+                Some(RetireReason::WsrepNotReady)
+            } else {
+                None
+            }
         }
-        _ => false,
+        _ => None,
     }
 }

@@ -3,7 +3,7 @@
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel::connection::Instrumentation;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -12,6 +12,7 @@ use crate::error::Error;
 use crate::manager::{
     Access, ConnectErrorSink, LastConnectError, Manager, PoolableConnection, Slot,
 };
+use crate::observe::{Observe, PoolEvent, PoolEventHook};
 use crate::session::AsyncSession;
 use crate::url::DatabaseUrl;
 
@@ -22,6 +23,17 @@ use crate::url::DatabaseUrl;
 pub(crate) struct Pooled<C: PoolableConnection> {
     inner: bb8::PooledConnection<'static, Manager<C>>,
     _turn: OwnedSemaphorePermit,
+    /// The engine's telemetry and when the checkout ended, when pool
+    /// changes are reported (metrics compiled in, or a pool event hook).
+    checked_out: Option<(Arc<Observe>, Option<Instant>)>,
+}
+
+impl<C: PoolableConnection> Drop for Pooled<C> {
+    fn drop(&mut self) {
+        if let Some((observe, since)) = self.checked_out.take() {
+            observe.checked_in(since);
+        }
+    }
 }
 
 impl<C: PoolableConnection> Deref for Pooled<C> {
@@ -93,6 +105,27 @@ pub struct EngineOptions {
     /// detects a proxy per connection (the server's port is not one the
     /// URL names) and then does as for `Some(true)`.
     pub transaction_pooler: Option<bool>,
+    /// The pool's name in spans and metrics (`db.client.connection.pool.name`),
+    /// telling several engines of one process apart. `None` (the default):
+    /// `address:port/database` from the URL (SQLite: the file path), which
+    /// never includes the user or password.
+    pub pool_name: Option<String>,
+    /// Statements slower than this are logged at `WARN` on
+    /// [`crate::SQL_TARGET`] with their duration and SQL (never their bind
+    /// values), whether or not the echo is on (`None`, the default: never).
+    pub slow_statement_threshold: Option<Duration>,
+    /// Your hook for pool events ([`EngineOptions::on_pool_event`]).
+    pool_events: Option<PoolEventHooks>,
+}
+
+/// The user's pool event hook.
+#[derive(Clone)]
+struct PoolEventHooks(PoolEventHook);
+
+impl std::fmt::Debug for PoolEventHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PoolEventHook")
+    }
 }
 
 impl Default for EngineOptions {
@@ -108,6 +141,9 @@ impl Default for EngineOptions {
             statement_timeout: None,
             read_only: false,
             transaction_pooler: None,
+            pool_name: None,
+            slow_statement_threshold: None,
+            pool_events: None,
         }
     }
 }
@@ -177,6 +213,47 @@ impl EngineOptions {
     #[must_use]
     pub fn transaction_pooler(mut self, pooler: bool) -> Self {
         self.transaction_pooler = Some(pooler);
+        self
+    }
+
+    /// Sets [`pool_name`](Self::pool_name): the pool's name in spans and
+    /// metrics (`db.client.connection.pool.name`).
+    #[must_use]
+    pub fn pool_name(mut self, name: impl Into<String>) -> Self {
+        self.pool_name = Some(name.into());
+        self
+    }
+
+    /// Sets [`slow_statement_threshold`](Self::slow_statement_threshold):
+    /// statements slower than this are logged at `WARN` (`None`: never).
+    #[must_use]
+    pub fn slow_statement_threshold(mut self, threshold: Option<Duration>) -> Self {
+        self.slow_statement_threshold = threshold;
+        self
+    }
+
+    /// Calls `hook` with each [`PoolEvent`] of the engine's pool: a
+    /// connection opened, checked out, checked in, retired (with its
+    /// [`RetireReason`](crate::RetireReason)). It runs inline, on the
+    /// thread where the event happens (an async worker or a blocking
+    /// thread): keep it short and never block in it.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// use diesel_runsync::PoolEvent;
+    ///
+    /// let checkouts = Arc::new(AtomicU64::new(0));
+    /// let counted = checkouts.clone();
+    /// let options = diesel_runsync::EngineOptions::default().on_pool_event(move |event| {
+    ///     if event == PoolEvent::Checkout {
+    ///         counted.fetch_add(1, Ordering::Relaxed);
+    ///     }
+    /// });
+    /// ```
+    #[must_use]
+    pub fn on_pool_event(mut self, hook: impl Fn(PoolEvent) + Send + Sync + 'static) -> Self {
+        self.pool_events = Some(PoolEventHooks(Arc::new(hook)));
         self
     }
 
@@ -254,6 +331,8 @@ pub struct Engine<C: PoolableConnection> {
     connection_timeout: Duration,
     statement_timeout: Option<Duration>,
     connect_errors: watch::Sender<LastConnectError>,
+    /// Spans, metrics and pool events: what they say of this engine.
+    observe: Arc<Observe>,
     /// One permit per pooled connection, handed out first come, first
     /// served: bb8 alone lets a task that just returned a connection take it
     /// again ahead of tasks already waiting, starving them under load.
@@ -268,6 +347,7 @@ impl<C: PoolableConnection> Clone for Engine<C> {
             connection_timeout: self.connection_timeout,
             statement_timeout: self.statement_timeout,
             connect_errors: self.connect_errors.clone(),
+            observe: self.observe.clone(),
             gate: self.gate.clone(),
         }
     }
@@ -302,6 +382,13 @@ impl<C: PoolableConnection> Engine<C> {
             options.max_lifetime = None;
         }
         let (connect_errors, _) = watch::channel(None);
+        let max_size = options.max_size.max(1);
+        let observe = Arc::new(Observe::new(
+            &url,
+            options.pool_name.as_deref(),
+            max_size,
+            options.pool_events.as_ref().map(|hooks| hooks.0.clone()),
+        ));
         let manager = Manager {
             url: url.clone(),
             hosts: url.hosts(),
@@ -312,9 +399,10 @@ impl<C: PoolableConnection> Engine<C> {
             statement_timeout: options.statement_timeout,
             access,
             backoff: Default::default(),
+            observe: observe.clone(),
+            slow_statement_threshold: options.slow_statement_threshold,
             _conn: PhantomData,
         };
-        let max_size = options.max_size.max(1);
         let pool = bb8::Pool::builder()
             .max_size(max_size)
             .connection_timeout(options.connection_timeout)
@@ -329,6 +417,7 @@ impl<C: PoolableConnection> Engine<C> {
             connection_timeout: options.connection_timeout,
             statement_timeout: options.statement_timeout,
             connect_errors,
+            observe,
             gate: Arc::new(Semaphore::new(max_size as usize)),
         };
         drop(engine.checkout().await?);
@@ -338,6 +427,16 @@ impl<C: PoolableConnection> Engine<C> {
     /// The engine's URL (prints without its password).
     pub fn url(&self) -> &DatabaseUrl {
         &self.url
+    }
+
+    /// The pool's name in spans and metrics ([`EngineOptions::pool_name`]).
+    pub fn pool_name(&self) -> &str {
+        self.observe.pool_name()
+    }
+
+    /// This engine's telemetry.
+    pub(crate) fn observe(&self) -> &Arc<Observe> {
+        &self.observe
     }
 
     /// The default deadline of `run_sync` calls
@@ -374,7 +473,10 @@ impl<C: PoolableConnection> Engine<C> {
         R: Send + 'static,
         E: From<Error> + Send + 'static,
     {
-        self.session().run_sync_and_commit(f).await
+        let timeout = self.statement_timeout;
+        self.session()
+            .run_sync_then(f, true, timeout, crate::observe::Op::Transaction)
+            .await
     }
 
     /// Connection counts of the pool.
@@ -391,6 +493,20 @@ impl<C: PoolableConnection> Engine<C> {
     /// opening one fails, and with [`Error::PoolTimeout`] after the
     /// connection timeout in all.
     pub(crate) async fn checkout(&self) -> Result<Pooled<C>, Error> {
+        let watch = self.observe.checkout_started();
+        let watched = watch.watched();
+        let checked_out = self.checkout_inner().await;
+        watch.ended(checked_out.as_ref().map(|_| ()));
+        let mut pooled = checked_out?;
+        if watched {
+            // For `db.client.connection.use_time`, and the checkin.
+            let since = cfg!(feature = "metrics").then(Instant::now);
+            pooled.checked_out = Some((self.observe.clone(), since));
+        }
+        Ok(pooled)
+    }
+
+    async fn checkout_inner(&self) -> Result<Pooled<C>, Error> {
         let timeout = self.connection_timeout;
         tokio::time::timeout(timeout, async {
             let turn = self
@@ -417,7 +533,11 @@ impl<C: PoolableConnection> Engine<C> {
                     });
                 }
             };
-            Ok(Pooled { inner, _turn: turn })
+            Ok(Pooled {
+                inner,
+                _turn: turn,
+                checked_out: None,
+            })
         })
         .await
         .unwrap_or(Err(Error::PoolTimeout(timeout)))

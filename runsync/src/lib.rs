@@ -46,6 +46,7 @@
 //! | `sqlite-bundled` | no | `sqlite`, with SQLite compiled in (`libsqlite3-sys/bundled`): needs only a C compiler |
 //! | `postgres-bundled` | no | `postgres`, with libpq compiled in (`pq-sys/bundled`); OpenSSL stays a system library |
 //! | `testing` | no | `testing::TestDatabase`: a database of its own per test, your migrations applied (for `[dev-dependencies]`) |
+//! | `metrics` | no | operation and pool metrics through the [`metrics`](https://docs.rs/metrics) facade (the `observe` module's docs list them) |
 //!
 //! There is no bundled MySQL: `mysqlclient-sys/bundled` needs cmake and is
 //! GPL-2.0-only, so it is left to the application to opt in. Any other
@@ -106,6 +107,12 @@
 //!   brings, and which retire a connection.
 //! - `testing` (feature `testing`) — `TestDatabase`: a database per test,
 //!   migrated, dropped on success and kept on failure.
+//! - [`observe`] — spans, metrics and pool events: one `tracing` span per
+//!   operation (`db.run_sync`, `db.transaction`, `db.stream`, `db.commit`,
+//!   ...) entered on the blocking thread, metrics through the `metrics`
+//!   facade (feature `metrics`), named after OpenTelemetry's database
+//!   conventions; [`PoolEvent`], [`RetireReason`], [`SPAN_TARGET`]. Its
+//!   module docs list every span field and metric.
 //! - [`guide`] — the guides above, as doc pages.
 
 #![warn(missing_docs, unreachable_pub)]
@@ -117,6 +124,7 @@ mod engine;
 mod error;
 pub mod guide;
 mod manager;
+pub mod observe;
 mod replica;
 mod retry;
 mod session;
@@ -130,6 +138,7 @@ pub use echo::SQL_TARGET;
 pub use engine::{Engine, EngineOptions, PoolStatus};
 pub use error::{Error, Retryable};
 pub use manager::{Access, MAX_CONNECT_BACKOFF, PoolableConnection, TimeoutScope, WritePosition};
+pub use observe::{PoolEvent, RetireReason, SPAN_TARGET};
 pub use replica::{DEFAULT_MAX_WAIT, ReadOn, Replicated};
 pub use retry::{FAILOVER_MIN_DELAY, Retried, RetryPolicy};
 pub use session::stream::{RowSink, RowStream, STREAM_BUFFER_ROWS, StreamingMode};

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::cancel::Canceller;
 use crate::echo::{Lost, Retire, SqlEcho};
 use crate::error::Error;
+use crate::observe::{Observe, RetireReason};
 use crate::url::DatabaseUrl;
 
 /// What an engine's connections are for: a read-write engine (the
@@ -487,6 +488,8 @@ pub(crate) struct Slot<C> {
     /// Never reuse the connection: a MySQL statement was interrupted, or
     /// its Galera node stopped serving (kept by [`SqlEcho`]).
     retire: Retire,
+    /// The engine's telemetry (absent in a vacant slot).
+    observe: Option<Arc<Observe>>,
 }
 
 impl<C> Drop for Slot<C> {
@@ -495,6 +498,9 @@ impl<C> Drop for Slot<C> {
     fn drop(&mut self) {
         if let Some(canceller) = &self.canceller {
             canceller.detach();
+        }
+        if let (Some(_), Some(observe)) = (&self.conn, &self.observe) {
+            observe.closed();
         }
     }
 }
@@ -505,7 +511,7 @@ impl<C: PoolableConnection> Slot<C> {
     /// statement interrupted (its cached prepared statement would hang) or
     /// its Galera node not serving.
     fn is_unusable(&mut self) -> bool {
-        if self.retire.load(Ordering::Acquire) {
+        if self.retire.load(Ordering::Acquire) != 0 {
             return true;
         }
         match self.conn.as_mut() {
@@ -532,6 +538,9 @@ impl<C: PoolableConnection> Slot<C> {
         let lost = self.lost.lock().unwrap().take();
         match lost {
             Some((_, message)) => {
+                if let Some(observe) = &self.observe {
+                    observe.commit_refused();
+                }
                 let _ = rollback_all(self.conn_mut());
                 Err(diesel::result::Error::DatabaseError(
                     diesel::result::DatabaseErrorKind::SerializationFailure,
@@ -554,20 +563,36 @@ impl<C: PoolableConnection> Slot<C> {
     /// server still answers; a connection that does not is closed here, so
     /// the pool replaces it instead of handing it out again.
     pub(crate) fn recover(&mut self) {
+        let reason = self.retire_reason();
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
         // A failed ROLLBACK is logged there; the ping below decides.
         let _ = rollback_all(conn);
-        if self.retire.load(Ordering::Acquire) {
-            tracing::debug!("closing a connection that must not be reused");
-            self.close();
+        if let Some(reason) = reason {
+            tracing::debug!("closing a connection that must not be reused ({reason})");
+            self.retire_with(reason);
             return;
         }
         if let Err(e) = conn.ping() {
             tracing::warn!("closing a connection that no longer answers: {e}");
-            self.close();
+            self.retire_with(RetireReason::NotAnswering);
         }
+    }
+
+    /// Why the connection must not be reused, as its [`SqlEcho`] recorded.
+    fn retire_reason(&self) -> Option<RetireReason> {
+        RetireReason::from_code(self.retire.load(Ordering::Acquire))
+    }
+
+    /// Closes the connection, reporting it retired for `reason`.
+    pub(crate) fn retire_with(&mut self, reason: RetireReason) {
+        if self.conn.is_some()
+            && let Some(observe) = &self.observe
+        {
+            observe.retired(reason);
+        }
+        self.close();
     }
 
     /// Closes the connection (the canceller detached first).
@@ -575,7 +600,11 @@ impl<C: PoolableConnection> Slot<C> {
         if let Some(canceller) = self.canceller.take() {
             canceller.detach();
         }
-        self.conn = None;
+        if self.conn.take().is_some()
+            && let Some(observe) = &self.observe
+        {
+            observe.closed();
+        }
     }
 
     /// Begins the transaction if `needs_begin`, and makes the server
@@ -639,6 +668,7 @@ impl<C: PoolableConnection> Slot<C> {
             transaction_timeout: None,
             lost: lost.clone(),
             retire: retire.clone(),
+            observe: None,
         }
     }
 }
@@ -693,6 +723,10 @@ pub(crate) struct Manager<C> {
     pub(crate) access: Access,
     /// Failed connects back off: see [`ConnectBackoff`].
     pub(crate) backoff: std::sync::Mutex<ConnectBackoff>,
+    /// The engine's spans, metrics and pool events.
+    pub(crate) observe: Arc<Observe>,
+    /// Statements slower than this are logged at `WARN` (see [`SqlEcho`]).
+    pub(crate) slow_statement_threshold: Option<Duration>,
     pub(crate) _conn: std::marker::PhantomData<fn() -> C>,
 }
 
@@ -770,6 +804,8 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
         let first = self.next_host.fetch_add(1, Ordering::Relaxed);
         let hosts = self.hosts.clone();
         let echo = self.echo;
+        let slow = self.slow_statement_threshold;
+        let since = self.observe.clock_connect();
         let access = self.access;
         let user_instrumentation = self.user_instrumentation.clone();
         let timeout = self.statement_timeout;
@@ -822,6 +858,7 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
                     slot.lost.clone(),
                     slot.retire.clone(),
                 )
+                .slow_statement_threshold(slow)
                 .then(user_instrumentation.as_ref().map(|make| make.make())),
             );
             slot.conn = Some(conn);
@@ -831,8 +868,10 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
         .map_err(|_| Error::RuntimeShutdown)?;
         let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
         match opened {
-            Ok(slot) => {
+            Ok(mut slot) => {
                 backoff.succeeded();
+                slot.observe = Some(self.observe.clone());
+                self.observe.connected(since);
                 if self.echo {
                     tracing::info!(target: crate::echo::SQL_TARGET, "connected to {}", self.url);
                 } else {
@@ -864,13 +903,25 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
         // Back in its slot even when the ping failed: the pool then drops
         // the slot, which detaches the canceller before closing it.
         slot.conn = Some(conn);
+        if let Err(e) = &pinged {
+            let reason = crate::error::failover_error(e)
+                .map_or(RetireReason::NotAnswering, RetireReason::from_failover);
+            slot.retire_with(reason);
+        }
         pinged?;
         slot.last_used = Instant::now();
         Ok(())
     }
 
     fn has_broken(&self, slot: &mut Slot<C>) -> bool {
-        slot.is_unusable()
+        let broken = slot.is_unusable();
+        if broken && slot.conn.is_some() {
+            let reason = slot
+                .retire_reason()
+                .unwrap_or(RetireReason::TransactionOpen);
+            slot.retire_with(reason);
+        }
+        broken
     }
 }
 

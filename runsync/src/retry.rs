@@ -4,6 +4,8 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tracing::Instrument as _;
+
 use crate::engine::Engine;
 use crate::error::{Error, Retryable};
 use crate::manager::PoolableConnection;
@@ -129,6 +131,26 @@ impl<C: PoolableConnection> Engine<C> {
         R: Send + 'static,
         E: From<Error> + Retryable + std::fmt::Display + Send + 'static,
     {
+        let span = self.observe().retry_span();
+        let attempted = self.retrying(policy, f).instrument(span.clone()).await;
+        if !span.is_disabled() {
+            match &attempted {
+                Ok(done) => span.record("db.runsync.attempts", done.attempts),
+                Err(e) => {
+                    span.record("error.type", crate::observe::error_type_of(e));
+                    span.record("otel.status_code", "error")
+                }
+            };
+        }
+        attempted
+    }
+
+    async fn retrying<R, E, F>(&self, policy: &RetryPolicy, f: F) -> Result<Retried<R>, E>
+    where
+        F: Fn(&mut C) -> Result<R, E> + Send + Sync + 'static,
+        R: Send + 'static,
+        E: From<Error> + Retryable + std::fmt::Display + Send + 'static,
+    {
         let f = Arc::new(f);
         let mut attempts = 0;
         // Attempts that count against `max_attempts` (failovers within the
@@ -158,7 +180,7 @@ impl<C: PoolableConnection> Engine<C> {
                     } else {
                         policy.backoff(counted)
                     };
-                    tracing::debug!("attempt {attempts} failed, retrying in {delay:?}: {e}");
+                    self.observe().retry(attempts, &e, delay);
                     tokio::time::sleep(delay).await;
                 }
                 Err(e) => return Err(e),

@@ -36,11 +36,13 @@ use std::time::{Duration, Instant};
 
 use diesel::connection::TransactionManager;
 use tokio::sync::Notify;
+use tracing::Instrument as _;
 
 use crate::cancel::{Canceller, OpWatch, Reason};
 use crate::engine::{Engine, Pooled};
 use crate::error::Error;
 use crate::manager::{PoolableConnection, Slot, WritePosition, rollback_all, transaction_depth};
+use crate::observe::{Fail, Observe, Op, OpObs, RetireReason, diesel_error_type, error_type};
 
 pub(crate) mod stream;
 
@@ -122,9 +124,9 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn new(canceller: Option<Canceller>) -> Self {
+    fn new(canceller: Option<Canceller>, observe: Option<Arc<Observe>>) -> Self {
         InFlight {
-            watch: OpWatch::new(canceller),
+            watch: OpWatch::observed(canceller, observe),
             committing: AtomicBool::new(false),
             done: AtomicBool::new(false),
             finished: Notify::new(),
@@ -236,7 +238,8 @@ impl<C: PoolableConnection> AsyncSession<C> {
     /// (a stream has no deadline to give it up at): the flag to drop with
     /// the stream and the signal to send back with the connection.
     fn start_stream_operation(&mut self, canceller: Option<Canceller>) -> (CancelFlag, DoneSignal) {
-        let op = Arc::new(InFlight::new(canceller));
+        let observe = self.counts_cancels(&canceller);
+        let op = Arc::new(InFlight::new(canceller, observe));
         self.in_flight = Some((op.clone(), Weak::new()));
         (CancelFlag(op.clone(), true), DoneSignal(op))
     }
@@ -255,11 +258,18 @@ impl<C: PoolableConnection> AsyncSession<C> {
         } else {
             None
         };
-        let op = Arc::new(InFlight::new(canceller));
+        let observe = self.counts_cancels(&canceller);
+        let op = Arc::new(InFlight::new(canceller, observe));
         let slot = std::mem::replace(&mut *pooled, Slot::vacant());
         let home = Arc::new(Mutex::new(Some(pooled)));
         self.in_flight = Some((op.clone(), Arc::downgrade(&home)));
         (CancelFlag(op.clone(), true), DoneSignal(op), slot, home)
+    }
+
+    /// Where the cancels of an operation with `canceller` are counted
+    /// (`db.runsync.cancels`): only with metrics compiled in.
+    fn counts_cancels(&self, canceller: &Option<Canceller>) -> Option<Arc<Observe>> {
+        (cfg!(feature = "metrics") && canceller.is_some()).then(|| self.engine.observe().clone())
     }
 
     /// The engine this session draws connections from.
@@ -345,7 +355,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
         E: From<Error> + Send + 'static,
     {
         let timeout = self.statement_timeout;
-        self.run_sync_then(f, false, timeout).await
+        self.run_sync_then(f, false, timeout, Op::RunSync).await
     }
 
     /// [`run_sync`](Self::run_sync), then [`commit`](Self::commit), in one
@@ -359,15 +369,48 @@ impl<C: PoolableConnection> AsyncSession<C> {
         E: From<Error> + Send + 'static,
     {
         let timeout = self.statement_timeout;
-        self.run_sync_then(f, true, timeout).await
+        self.run_sync_then(f, true, timeout, Op::RunSyncAndCommit)
+            .await
     }
 
-    async fn run_sync_then<R, E, F>(
+    /// `run_sync` (`commit`: and commit) as the operation `op`, in its span.
+    pub(crate) async fn run_sync_then<R, E, F>(
         &mut self,
         f: F,
         commit: bool,
         timeout: Option<Duration>,
+        op: Op,
     ) -> Result<R, E>
+    where
+        F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<Error> + Send + 'static,
+    {
+        let obs = self.engine.observe().start(op);
+        let result = self
+            .run_sync_observed(f, commit, timeout, &obs)
+            .instrument(obs.span().clone())
+            .await;
+        match result {
+            Ok(value) => {
+                obs.finish(None);
+                Ok(value)
+            }
+            Err(fail) => {
+                let (error, kind) = fail.typed();
+                obs.finish(Some(kind));
+                Err(error)
+            }
+        }
+    }
+
+    async fn run_sync_observed<R, E, F>(
+        &mut self,
+        f: F,
+        commit: bool,
+        timeout: Option<Duration>,
+        obs: &OpObs,
+    ) -> Result<R, Fail<E>>
     where
         F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
@@ -376,54 +419,67 @@ impl<C: PoolableConnection> AsyncSession<C> {
         self.check_usable()?;
         // The deadline bounds the whole call, the wait for a connection included.
         let deadline = timeout.map(|limit| (limit, tokio::time::Instant::now() + limit));
+        let waiting = if self.conn.is_some() {
+            None
+        } else {
+            obs.clock()
+        };
         let pooled = match deadline {
-            Some((limit, at)) => tokio::time::timeout_at(at, self.take_or_checkout())
-                .await
-                .map_err(|_| Error::Timeout(limit))??,
+            Some((limit, at)) => {
+                let checked_out = tokio::time::timeout_at(at, self.take_or_checkout()).await;
+                checked_out.map_err(|_| {
+                    self.engine.observe().deadline_hit();
+                    Error::Timeout(limit)
+                })??
+            }
             None => self.take_or_checkout().await?,
         };
+        obs.pool_waited(waiting);
         let needs_begin = self.state != State::Open;
         self.state = State::InFlight;
         let (flag, done, slot, home) = self.start_operation(pooled, true);
         let watch = done.0.watch.clone();
         let task_home = home.clone();
+        let task_obs = obs.for_task();
         let handle = tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let mut slot = slot;
-            let op = &done.0;
-            let watch = &op.watch;
-            let mut step = run_operation(&mut slot, timeout, needs_begin, watch, f);
-            let reason = watch.reason();
-            if let Some(limit) = timeout {
-                // The deadline passed (the timer cancelled the statement, or
-                // the server's own statement timeout did): whatever the
-                // closure made of it, the call timed out.
-                let late = started.elapsed() >= limit
-                    && matches!(step, Step::Failed(_) | Step::Panicked(_));
-                if reason == Some(Reason::Timeout) || late {
-                    if let Step::Panicked(message) = &step {
-                        tracing::debug!("a timed-out run_sync closure panicked: {message}");
+            task_obs.run(move || {
+                let started = Instant::now();
+                let mut slot = slot;
+                let op = &done.0;
+                let watch = &op.watch;
+                let mut step = run_operation(&mut slot, timeout, needs_begin, watch, f);
+                let reason = watch.reason();
+                if let Some(limit) = timeout {
+                    // The deadline passed (the timer cancelled the statement, or
+                    // the server's own statement timeout did): whatever the
+                    // closure made of it, the call timed out.
+                    let late = started.elapsed() >= limit
+                        && matches!(step, Step::Failed(_) | Step::Panicked(_));
+                    if reason == Some(Reason::Timeout) || late {
+                        if let Step::Panicked(message) = &step {
+                            tracing::debug!("a timed-out run_sync closure panicked: {message}");
+                        }
+                        step = Step::TimedOut(limit);
                     }
-                    step = Step::TimedOut(limit);
                 }
-            }
-            if matches!(step, Step::Done(_)) && reason.is_some() {
-                // Nobody will see the result: the work must not be committed.
-                let _ = rollback_all(slot.conn_mut());
-            } else if matches!(step, Step::Done(_)) && commit {
-                op.committing.store(true, Ordering::Release);
-                if let Err(e) = slot.commit() {
-                    step = Step::Commit(e);
+                if matches!(step, Step::Done(_)) && reason.is_some() {
+                    // Nobody will see the result: the work must not be committed.
+                    let _ = rollback_all(slot.conn_mut());
+                } else if matches!(step, Step::Done(_)) && commit {
+                    op.committing.store(true, Ordering::Release);
+                    if let Err(e) = slot.commit() {
+                        step = Step::Commit(e);
+                    }
                 }
-            }
-            if matches!(step, Step::Done(_)) {
-                slot.mark_used();
-            } else {
-                slot.recover();
-            }
-            go_home(&task_home, slot);
-            drop(task_home);
-            (step, done)
+                if matches!(step, Step::Done(_)) {
+                    slot.mark_used();
+                } else {
+                    slot.recover();
+                }
+                go_home(&task_home, slot);
+                drop(task_home);
+                (step, done)
+            })
         });
         let joined = self.join(handle, &watch, deadline.map(|(_, at)| at)).await;
         flag.disarm();
@@ -473,7 +529,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
             }
             Step::Failed(e) => {
                 self.state = State::Failed("the run_sync closure returned an error".into());
-                Err(e)
+                Err(Fail::Theirs(e))
             }
             Step::Unbalanced(depth) => {
                 self.state =
@@ -517,7 +573,10 @@ impl<C: PoolableConnection> AsyncSession<C> {
         tokio::select! {
             biased;
             joined = &mut handle => return Some(joined),
-            () = tokio::time::sleep_until(at) => watch.cancel(Reason::Timeout),
+            () = tokio::time::sleep_until(at) => {
+                self.engine.observe().deadline_hit();
+                watch.cancel(Reason::Timeout);
+            }
         }
         tokio::time::timeout(ABANDON_AFTER, handle).await.ok()
     }
@@ -531,8 +590,11 @@ impl<C: PoolableConnection> AsyncSession<C> {
         let Some((op, home)) = self.in_flight.take() else {
             return false;
         };
-        if let Some(home) = home.upgrade() {
-            drop(home.lock().unwrap_or_else(|e| e.into_inner()).take());
+        if let Some(home) = home.upgrade()
+            && let Some(pooled) = home.lock().unwrap_or_else(|e| e.into_inner()).take()
+        {
+            self.engine.observe().retired(RetireReason::GivenUp);
+            drop(pooled);
         }
         tracing::warn!(
             "a blocking operation did not return its connection in time; the connection is \
@@ -570,23 +632,38 @@ impl<C: PoolableConnection> AsyncSession<C> {
         self.commit_then(|conn| conn.write_position()).await
     }
 
-    /// Commits, then runs `after` on the connection outside any transaction.
+    /// Commits, then runs `after` on the connection outside any
+    /// transaction: the operation `commit`, in its span.
     async fn commit_then<T: Send + 'static>(
         &mut self,
         after: impl FnOnce(&mut C) -> diesel::QueryResult<T> + Send + 'static,
+    ) -> Result<T, Error> {
+        let obs = self.engine.observe().start(Op::Commit);
+        let result = self
+            .commit_observed(after, &obs)
+            .instrument(obs.span().clone())
+            .await;
+        obs.finish(result.as_ref().err().map(error_type));
+        result
+    }
+
+    async fn commit_observed<T: Send + 'static>(
+        &mut self,
+        after: impl FnOnce(&mut C) -> diesel::QueryResult<T> + Send + 'static,
+        obs: &OpObs,
     ) -> Result<T, Error> {
         self.check_usable()?;
         let limit = self.statement_timeout;
         if self.state != State::Open {
             self.state = State::Idle;
             let value = self
-                .blocking(limit, false, |slot| after(slot.conn_mut()))
+                .blocking(limit, false, obs, |slot| after(slot.conn_mut()))
                 .await;
             self.release();
             return value?.map_err(Error::Database);
         }
         let committed = self
-            .blocking(limit, true, |slot| {
+            .blocking(limit, true, obs, |slot| {
                 if let Err(e) = slot.commit() {
                     slot.recover();
                     return Err((true, e));
@@ -646,12 +723,19 @@ impl<C: PoolableConnection> AsyncSession<C> {
             // transaction and the pool refuses it: still rolled back. Past
             // the session's deadline the connection is given up, which
             // rolls back too.
-            match self
-                .blocking(self.statement_timeout, false, |slot| {
+            let obs = self.engine.observe().start(Op::Rollback);
+            let outcome = self
+                .blocking(self.statement_timeout, false, &obs, |slot| {
                     rollback_all(slot.conn_mut())
                 })
-                .await
-            {
+                .instrument(obs.span().clone())
+                .await;
+            obs.finish(match &outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(diesel_error_type(e)),
+                Err(e) => Some(error_type(e)),
+            });
+            match outcome {
                 Ok(result) => result,
                 Err(Error::Timeout(_)) => Ok(()),
                 Err(e) => {
@@ -741,21 +825,31 @@ impl<C: PoolableConnection> AsyncSession<C> {
         &mut self,
         limit: Option<Duration>,
         commit: bool,
+        obs: &OpObs,
         op: impl FnOnce(&mut Slot<C>) -> T + Send + 'static,
     ) -> Result<T, Error> {
+        let waiting = if self.conn.is_some() {
+            None
+        } else {
+            obs.clock()
+        };
         let pooled = self.take_or_checkout().await?;
+        obs.pool_waited(waiting);
         let previous = std::mem::replace(&mut self.state, State::InFlight);
         // The engine's own statements are never cancelled: no canceller.
         let (flag, done, slot, home) = self.start_operation(pooled, false);
         done.0.committing.store(commit, Ordering::Release);
         let watch = done.0.watch.clone();
         let task_home = home.clone();
+        let task_obs = obs.for_task();
         let handle = tokio::task::spawn_blocking(move || {
-            let mut slot = slot;
-            let value = op(&mut slot);
-            go_home(&task_home, slot);
-            drop(task_home);
-            (value, done)
+            task_obs.run(move || {
+                let mut slot = slot;
+                let value = op(&mut slot);
+                go_home(&task_home, slot);
+                drop(task_home);
+                (value, done)
+            })
         });
         let deadline = limit.map(|limit| tokio::time::Instant::now() + limit);
         let joined = self.join(handle, &watch, deadline).await;
@@ -921,7 +1015,7 @@ impl<C: PoolableConnection> WithTimeout<'_, C> {
         E: From<Error> + Send + 'static,
     {
         self.session
-            .run_sync_then(f, false, Some(self.timeout))
+            .run_sync_then(f, false, Some(self.timeout), Op::RunSync)
             .await
     }
 
@@ -933,7 +1027,7 @@ impl<C: PoolableConnection> WithTimeout<'_, C> {
         E: From<Error> + Send + 'static,
     {
         self.session
-            .run_sync_then(f, true, Some(self.timeout))
+            .run_sync_then(f, true, Some(self.timeout), Op::RunSyncAndCommit)
             .await
     }
 }

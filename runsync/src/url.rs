@@ -226,6 +226,53 @@ impl DatabaseUrl {
             .collect()
     }
 
+    /// Where this URL points, for telemetry: the first host's address and
+    /// port (the backend's default port where none is written) and the
+    /// database name (SQLite: the file path). Never the user or password.
+    pub(crate) fn location(&self) -> (Option<String>, Option<u16>, Option<String>) {
+        let query_free = |s: &str| s.split('?').next().unwrap_or("").to_owned();
+        if self.backend == Backend::Sqlite {
+            let path = self
+                .raw
+                .split_once("://")
+                .map_or(self.raw.as_str(), |(_, rest)| rest);
+            let path = query_free(path);
+            return (None, None, (!path.is_empty()).then_some(path));
+        }
+        let authority = host_part(&self.raw);
+        let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let first = hosts.split(',').next().unwrap_or("");
+        let (address, port) = match first.strip_prefix('[') {
+            // [v6]:port
+            Some(v6) => match v6.split_once(']') {
+                Some((address, rest)) => (address, rest.strip_prefix(':')),
+                None => (v6, None),
+            },
+            None => match first.rsplit_once(':') {
+                Some((address, port)) => (address, Some(port)),
+                None => (first, None),
+            },
+        };
+        let default_port = match self.backend {
+            Backend::Postgres => 5432,
+            _ => 3306,
+        };
+        let port = port.and_then(|p| p.parse().ok()).unwrap_or(default_port);
+        let scheme_end = self.raw.find("://").map_or(0, |at| at + 3);
+        let path = &self.raw[scheme_end + authority.len()..];
+        let namespace = path
+            .strip_prefix('/')
+            .map(|p| percent_decode(&query_free(p)))
+            .or_else(|| self.param("dbname"))
+            .filter(|n| !n.is_empty());
+        let address = percent_decode(address);
+        (
+            (!address.is_empty()).then_some(address),
+            Some(port),
+            namespace,
+        )
+    }
+
     /// The URL with its password, for handing to the driver. Never log it.
     pub fn expose(&self) -> &str {
         &self.raw

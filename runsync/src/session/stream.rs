@@ -62,6 +62,7 @@ use super::{AsyncSession, CancelFlag, DoneSignal, State, Step, run_operation};
 use crate::engine::Pooled;
 use crate::error::Error;
 use crate::manager::{PoolableConnection, rollback_all};
+use crate::observe::{Fail, Op, OpObs, error_type, error_type_of};
 
 /// Most rows in one batch on the channel.
 const BATCH_ROWS: usize = 256;
@@ -229,8 +230,13 @@ struct Handoff<C: PoolableConnection, E> {
     abandoned: bool,
 }
 
+/// The `error.type` of a producer's own error.
+type Classify<E> = fn(&E) -> &'static str;
+
 /// The session a stream works for: borrowed ([`AsyncSession::stream`]) or
 /// owned ([`AsyncSession::into_stream`]).
+// The owned session moves in once per stream: not worth a box.
+#[allow(clippy::large_enum_variant)]
 enum Holder<'s, C: PoolableConnection> {
     Borrowed(&'s mut AsyncSession<C>),
     Owned(AsyncSession<C>),
@@ -284,6 +290,9 @@ pub struct RowStream<'s, C: PoolableConnection, T, E> {
     started: bool,
     /// Wakes a waiting consumer to take rows gathered by a stalled producer.
     tick: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The stream's span and clock, until it ends, and how its error is typed.
+    /// How the producer's own error is typed (`error.type`).
+    obs: Option<(OpObs, Classify<E>)>,
 }
 
 impl<C: PoolableConnection, T, E> std::fmt::Debug for RowStream<'_, C, T, E> {
@@ -406,7 +415,24 @@ impl<C: PoolableConnection> AsyncSession<C> {
         E: From<Error> + Send + 'static,
     {
         self.check_usable()?;
-        let mut pooled = self.take_or_checkout().await?;
+        let obs = self.engine.observe().start(Op::Stream);
+        let waiting = if self.conn.is_some() {
+            None
+        } else {
+            obs.clock()
+        };
+        let checked_out = {
+            use tracing::Instrument as _;
+            self.take_or_checkout().instrument(obs.span().clone()).await
+        };
+        let mut pooled = match checked_out {
+            Ok(pooled) => pooled,
+            Err(e) => {
+                obs.finish(Some(error_type(&e)));
+                return Err(e.into());
+            }
+        };
+        obs.pool_waited(waiting);
         let needs_begin = self.state != State::Open;
         self.state = State::InFlight;
         let (flag, done) = self.start_stream_operation(pooled.canceller.clone());
@@ -424,36 +450,40 @@ impl<C: PoolableConnection> AsyncSession<C> {
             gathering_since: Instant::now(),
         };
         let shared = handoff.clone();
+        let task_obs = obs.for_task();
         let task = tokio::task::spawn_blocking(move || {
-            let slot = &mut *pooled;
-            let watch = &done.0.watch;
-            // No deadline for a stream: the server's default timeout.
-            let mut step = run_operation(slot, None, needs_begin, watch, |conn| f(conn, &mut sink));
-            sink.flush();
-            let abandoned_early = sink.closed || watch.reason().is_some();
-            // The channel closes: the consumer goes on to wait for this task.
-            drop(sink);
-            if matches!(step, Step::Done(_)) && abandoned_early {
-                // Nobody reads the end: nothing of it may be kept.
-                step = Step::Skipped;
-            }
-            if matches!(step, Step::Done(_)) {
-                slot.mark_used();
-            } else {
-                slot.recover();
-            }
-            let mut handoff = lock(&shared);
-            if handoff.abandoned {
-                drop(handoff);
-                if matches!(step, Step::Done(_)) {
-                    let _ = rollback_all(slot.conn_mut());
+            task_obs.run(move || {
+                let slot = &mut *pooled;
+                let watch = &done.0.watch;
+                // No deadline for a stream: the server's default timeout.
+                let mut step =
+                    run_operation(slot, None, needs_begin, watch, |conn| f(conn, &mut sink));
+                sink.flush();
+                let abandoned_early = sink.closed || watch.reason().is_some();
+                // The channel closes: the consumer goes on to wait for this task.
+                drop(sink);
+                if matches!(step, Step::Done(_)) && abandoned_early {
+                    // Nobody reads the end: nothing of it may be kept.
+                    step = Step::Skipped;
                 }
-                // The connection back to the pool first, then the signal.
-                drop(pooled);
-                drop(done);
-            } else {
-                handoff.outcome = Some((pooled, step, done));
-            }
+                if matches!(step, Step::Done(_)) {
+                    slot.mark_used();
+                } else {
+                    slot.recover();
+                }
+                let mut handoff = lock(&shared);
+                if handoff.abandoned {
+                    drop(handoff);
+                    if matches!(step, Step::Done(_)) {
+                        let _ = rollback_all(slot.conn_mut());
+                    }
+                    // The connection back to the pool first, then the signal.
+                    drop(pooled);
+                    drop(done);
+                } else {
+                    handoff.outcome = Some((pooled, step, done));
+                }
+            })
         });
         Ok(Started {
             rx,
@@ -461,6 +491,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
             task,
             handoff,
             flag,
+            obs: (obs, error_type_of::<E>),
         })
     }
 }
@@ -472,6 +503,7 @@ struct Started<C: PoolableConnection, T, E> {
     task: JoinHandle<()>,
     handoff: Arc<Mutex<Handoff<C, E>>>,
     flag: CancelFlag,
+    obs: (OpObs, Classify<E>),
 }
 
 impl<C: PoolableConnection, T, E> Started<C, T, E> {
@@ -487,6 +519,7 @@ impl<C: PoolableConnection, T, E> Started<C, T, E> {
             phase: Phase::Rows,
             started: false,
             tick: None,
+            obs: Some(self.obs),
         }
     }
 }
@@ -570,6 +603,25 @@ impl<C: PoolableConnection, T, E: From<Error>> RowStream<'_, C, T, E> {
     /// The producer's task has ended: the session takes its connection
     /// back and its state from the producer's outcome, as `run_sync` does.
     fn finish(&mut self, joined: Result<(), tokio::task::JoinError>) -> Result<(), E> {
+        let obs = self.obs.take();
+        let (result, kind) = match self.take_back(joined) {
+            Ok(()) => (Ok(()), None),
+            Err(Fail::Ours(e)) => {
+                let kind = error_type(&e);
+                (Err(e.into()), Some(kind))
+            }
+            Err(Fail::Theirs(e)) => {
+                let kind = obs.as_ref().map(|(_, classify)| classify(&e));
+                (Err(e), kind)
+            }
+        };
+        if let Some((obs, _)) = obs {
+            obs.finish(kind);
+        }
+        result
+    }
+
+    fn take_back(&mut self, joined: Result<(), tokio::task::JoinError>) -> Result<(), Fail<E>> {
         if let Some(flag) = self.flag.take() {
             flag.disarm();
         }
@@ -594,7 +646,7 @@ impl<C: PoolableConnection, T, E: From<Error>> RowStream<'_, C, T, E> {
             }
             Step::Failed(e) => {
                 session.state = State::Failed("the stream's producer returned an error".into());
-                Err(e)
+                Err(Fail::Theirs(e))
             }
             Step::Unbalanced(depth) => {
                 session.state = State::Failed(
