@@ -28,8 +28,8 @@ use deadpool::managed::{Hook, HookError};
 use diesel::connection::SimpleConnection;
 use diesel::sql_types::BigInt;
 use diesel::{
-    BelongingToDsl, ExpressionMethods, GroupedBy, MysqlConnection, PgConnection,
-    QueryDsl, QueryResult, QueryableByName, RunQueryDsl, SelectableHelper, SqliteConnection,
+    BelongingToDsl, ExpressionMethods, GroupedBy, MysqlConnection, PgConnection, QueryDsl,
+    QueryResult, QueryableByName, RunQueryDsl, SelectableHelper, SqliteConnection,
 };
 use diesel_runsync::{Backend, Engine, EngineOptions, PoolableConnection};
 use greenlet_orm::DemoError;

@@ -45,6 +45,7 @@
 //! | `mysql` | no | [`PoolableConnection`] for `diesel::MysqlConnection`; links the system libmysqlclient (`apt-get install default-libmysqlclient-dev`) |
 //! | `sqlite-bundled` | no | `sqlite`, with SQLite compiled in (`libsqlite3-sys/bundled`): needs only a C compiler |
 //! | `postgres-bundled` | no | `postgres`, with libpq compiled in (`pq-sys/bundled`); OpenSSL stays a system library |
+//! | `mysql-single-round-trip` | no | `mysql`, with `BEGIN`, `COMMIT` and `ROLLBACK` in one round trip each (Diesel's `batch_execute` takes three); turns on Diesel's unstable `i-implement-a-third-party-backend-and-opt-into-breaking-changes` (for the transaction events' constructors), outside Diesel's semver promises |
 //!
 //! There is no bundled MySQL: `mysqlclient-sys/bundled` needs cmake and is
 //! GPL-2.0-only, so it is left to the application to opt in. Any other
@@ -98,6 +99,8 @@ mod engine;
 mod error;
 pub mod guide;
 mod manager;
+#[cfg(feature = "mysql-single-round-trip")]
+mod mysql_tx;
 mod replica;
 mod retry;
 mod session;
