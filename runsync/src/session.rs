@@ -585,10 +585,9 @@ impl<C: PoolableConnection> AsyncSession<C> {
         }
         let committed = self
             .blocking(limit, true, |slot| {
-                let result = slot.commit();
-                if result.is_err() {
+                if let Err(e) = slot.commit() {
                     slot.recover();
-                    return Err((true, result.unwrap_err()));
+                    return Err((true, e));
                 }
                 slot.mark_used();
                 after(slot.conn_mut()).map_err(|e| (false, e))
