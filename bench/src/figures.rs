@@ -200,7 +200,7 @@ pub struct Load {
 }
 
 /// What one task of [`drive`] recorded.
-struct TaskRecord {
+pub struct TaskRecord {
     latencies: Vec<Duration>,
     failures: usize,
     first_error: Option<String>,
@@ -226,7 +226,7 @@ impl TaskRecord {
     }
 }
 
-fn collect(records: Vec<TaskRecord>, elapsed: Duration, connections: u32) -> Load {
+pub fn collect(records: Vec<TaskRecord>, elapsed: Duration, connections: u32) -> Load {
     let mut load = Load {
         transactions: 0,
         failures: 0,
@@ -253,7 +253,7 @@ fn collect(records: Vec<TaskRecord>, elapsed: Duration, connections: u32) -> Loa
 
 /// `clients` tokio tasks, each running `unit(key)` with random keys in
 /// 1..=rows, one after another, until `duration` has passed.
-async fn drive<U, Fut, E>(
+pub async fn drive<U, Fut, E>(
     rows: usize,
     clients: usize,
     duration: Duration,
@@ -287,18 +287,19 @@ where
     records
 }
 
-/// The facade: each unit is `engine.transaction(|conn| unit_of_work(conn,
-/// id))`, one blocking-pool hop carrying BEGIN, the three statements and
-/// COMMIT, on one engine with a pool of `pool_size`.
-pub async fn facade_load(
+/// The facade: each unit is `engine.transaction(|conn| unit(conn, id))`,
+/// one blocking-pool hop carrying BEGIN, the three statements and COMMIT,
+/// on one `Engine<C>` with a pool of `pool_size` (`C` is the program's
+/// `AnyConnection` for `facade`, a native connection for `facade-native`).
+pub async fn facade_load<C: PoolableConnection>(
     url: &str,
     rows: usize,
     clients: usize,
     duration: Duration,
     pool_size: u32,
+    unit: fn(&mut C, i32) -> diesel::QueryResult<()>,
 ) -> anyhow::Result<Load> {
-    let engine =
-        Engine::<AnyConnection>::connect(url, EngineOptions::default().max_size(pool_size)).await?;
+    let engine = Engine::<C>::connect(url, EngineOptions::default().max_size(pool_size)).await?;
     // Open the whole pool first, so connects are not measured: overlapping
     // sessions each need their own connection. (On SQLite their BEGIN
     // IMMEDIATEs queue behind each other, briefly.)
@@ -324,7 +325,7 @@ pub async fn facade_load(
     let unit_engine = engine.clone();
     let records = drive(rows, clients, duration, move |id| {
         let engine = unit_engine.clone();
-        async move { engine.transaction(move |conn| unit_of_work(conn, id)).await }
+        async move { engine.transaction(move |conn| unit(conn, id)).await }
     })
     .await;
     let elapsed = started.elapsed();
@@ -402,16 +403,18 @@ impl BlockingPool {
     }
 }
 
-fn sync_unit(conn: &mut AnyConnection, id: i32) -> diesel::QueryResult<()> {
+/// One unit on a raw connection: BEGIN (IMMEDIATE on SQLite), `unit`,
+/// COMMIT (ROLLBACK on an error).
+pub fn sync_unit<C: PoolableConnection>(
+    conn: &mut C,
+    id: i32,
+    unit: fn(&mut C, i32) -> diesel::QueryResult<()>,
+) -> diesel::QueryResult<()> {
     conn.begin_outer_transaction()?;
-    match unit_of_work(conn, id) {
-        Ok(()) => {
-            <AnyConnection as diesel::Connection>::TransactionManager::commit_transaction(conn)
-        }
+    match unit(conn, id) {
+        Ok(()) => <C as diesel::Connection>::TransactionManager::commit_transaction(conn),
         Err(e) => {
-            let _ = <AnyConnection as diesel::Connection>::TransactionManager::rollback_transaction(
-                conn,
-            );
+            let _ = <C as diesel::Connection>::TransactionManager::rollback_transaction(conn);
             Err(e)
         }
     }
@@ -449,7 +452,7 @@ pub fn sync_threads_load(
                     let id = rng.key(rows);
                     let t = Instant::now();
                     let mut conn = pool.get();
-                    let result = sync_unit(&mut conn, id);
+                    let result = sync_unit(&mut conn, id, unit_of_work);
                     pool.put(conn);
                     record.record(t, result);
                 }

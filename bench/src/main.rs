@@ -3,9 +3,14 @@
 //!
 //! - `facade`: diesel-runsync's `Engine` + `AsyncSession::run_sync` with the
 //!   sync core of the `greenlet-orm` library (`greenlet_orm::queries`,
-//!   `greenlet_orm::migrations`);
+//!   `greenlet_orm::migrations`) on its `AnyConnection`;
+//! - `facade-native`: the same engine on the backend's own connection type
+//!   (`Engine<PgConnection>`, ...), as a library user runs it: without the
+//!   program's `#[derive(MultiConnection)]`;
 //! - `sync`: the same functions on a raw connection, one thread, no tokio;
 //! - `diesel-async`: the same work with `diesel_async::RunQueryDsl`;
+//! - `deadpool-diesel`: sync Diesel connections in a deadpool, the work
+//!   handed to the blocking pool with `interact`;
 //! - `sqlx`: the same statements with sqlx 0.8 (`query_as`, `QueryBuilder`).
 //!
 //! On PostgreSQL each run also measures the round-trip floor: pgbench's
@@ -25,6 +30,8 @@
 mod async_impl;
 mod count;
 mod figures;
+mod mysql_status;
+mod native_impl;
 mod phases;
 mod sqlx_impl;
 mod stats;
@@ -70,7 +77,7 @@ struct Cli {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "facade,sync,diesel-async,sqlx"
+        default_value = "facade,facade-native,sync,diesel-async,deadpool-diesel,sqlx"
     )]
     impls: Vec<Impl>,
 
@@ -95,7 +102,8 @@ struct Cli {
     sqlite_path: Option<PathBuf>,
 
     /// Pool size of the facade's engine, and of every pool of the load
-    /// figures (facade, sync threads, diesel-async's bb8, sqlx).
+    /// figures (facade, facade-native, sync threads, diesel-async's bb8,
+    /// deadpool-diesel, sqlx).
     #[arg(long, default_value_t = 8)]
     pool_size: u32,
 
@@ -170,9 +178,15 @@ impl BackendArg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 pub enum Impl {
     Facade,
+    /// The facade on the backend's native connection type.
+    #[value(name = "facade-native")]
+    FacadeNative,
     Sync,
     #[value(name = "diesel-async")]
     DieselAsync,
+    /// deadpool-diesel: a deadpool of sync connections, `interact`.
+    #[value(name = "deadpool-diesel")]
+    Deadpool,
     Sqlx,
     /// Diagnostic: the `sync` implementation run on a fresh `std::thread`.
     #[value(name = "sync-thread")]
@@ -187,8 +201,10 @@ impl Impl {
     fn name(self) -> &'static str {
         match self {
             Impl::Facade => "facade",
+            Impl::FacadeNative => "facade-native",
             Impl::Sync => "sync",
             Impl::DieselAsync => "diesel-async",
+            Impl::Deadpool => "deadpool-diesel",
             Impl::Sqlx => "sqlx",
             Impl::SyncThread => "sync-thread",
             Impl::SyncBlocking => "sync-blocking",
@@ -400,6 +416,22 @@ fn workload(
                         sync_impls::facade(&url, n, families, &counter, size).await
                     })?
                 }
+                Impl::FacadeNative | Impl::Deadpool => {
+                    let runner = if imp == Impl::Deadpool {
+                        native_impl::Runner::Deadpool
+                    } else {
+                        native_impl::Runner::Facade
+                    };
+                    let args = native_impl::WorkloadArgs {
+                        url: url.to_owned(),
+                        n,
+                        families: families.clone(),
+                        counter: counter.clone(),
+                        migration: migration.clone(),
+                        pool_size: cli.pool_size,
+                    };
+                    on_worker(runtime, native_impl::workload(runner, backend, args))?
+                }
                 Impl::Sync => sync_impls::sync(url, n, &families, &counter)?,
                 Impl::SyncThread => {
                     let (url, families, counter) =
@@ -532,8 +564,12 @@ fn workload(
     // Ratios, run by run (same run, same machine state), then their median.
     for (num, den) in [
         (Impl::Facade, Impl::Sync),
+        (Impl::Facade, Impl::FacadeNative),
+        (Impl::FacadeNative, Impl::Sync),
         (Impl::Facade, Impl::DieselAsync),
+        (Impl::Facade, Impl::Deadpool),
         (Impl::Facade, Impl::Sqlx),
+        (Impl::FacadeNative, Impl::Sqlx),
         (Impl::Sync, Impl::Sqlx),
         (Impl::DieselAsync, Impl::Sqlx),
     ] {
@@ -777,8 +813,10 @@ impl LoadFigures {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Loader {
     Facade,
+    FacadeNative,
     SyncThreads,
     DieselAsync,
+    Deadpool,
     Sqlx,
     /// pgbench with one connection per client (at most --pgbench-max-clients).
     Pgbench,
@@ -801,8 +839,10 @@ fn concurrency(
     for imp in &cli.impls {
         let loader = match imp {
             Impl::Facade => Loader::Facade,
+            Impl::FacadeNative => Loader::FacadeNative,
             Impl::Sync => Loader::SyncThreads,
             Impl::DieselAsync => Loader::DieselAsync,
+            Impl::Deadpool => Loader::Deadpool,
             Impl::Sqlx => Loader::Sqlx,
             Impl::SyncThread | Impl::SyncBlocking => continue,
         };
@@ -811,6 +851,12 @@ fn concurrency(
         }
     }
     let pgbench = backend == Backend::Postgres && !cli.pgbench.is_empty();
+    // MySQL/MariaDB: the server's own counts of what each run sent.
+    let mut status = if backend == Backend::Mysql {
+        Some(mysql_status::StatusReader::open(url)?)
+    } else {
+        None
+    };
     for (level, &clients) in cli.clients.iter().enumerate() {
         let mut order = loaders.clone();
         if pgbench {
@@ -824,11 +870,29 @@ fn concurrency(
         order.rotate_left(level % len);
         let mut figures_at: Vec<LoadFigures> = Vec::new();
         for loader in order {
+            let before = status.as_mut().map(|s| s.snapshot()).transpose()?;
             let (figures, note) = match loader {
                 Loader::Facade => {
-                    let load = runtime
-                        .block_on(figures::facade_load(url, cli.rows, clients, duration, size))?;
+                    let load = runtime.block_on(figures::facade_load(
+                        url,
+                        cli.rows,
+                        clients,
+                        duration,
+                        size,
+                        sync_impls::unit_of_work,
+                    ))?;
                     (LoadFigures::from_load("facade", &load), load.first_error)
+                }
+                Loader::FacadeNative | Loader::Deadpool => {
+                    let (runner, name) = if loader == Loader::Deadpool {
+                        (native_impl::Runner::Deadpool, "deadpool-diesel")
+                    } else {
+                        (native_impl::Runner::Facade, "facade-native")
+                    };
+                    let load = runtime.block_on(native_impl::load(
+                        runner, backend, url, cli.rows, clients, duration, size,
+                    ))?;
+                    (LoadFigures::from_load(name, &load), load.first_error)
                 }
                 Loader::SyncThreads => {
                     let load = figures::sync_threads_load(url, cli.rows, clients, duration, size)?;
@@ -880,6 +944,31 @@ fn concurrency(
                 }
             };
             let f = &figures;
+            if let (Some(reader), Some(before)) = (status.as_mut(), before) {
+                let after = reader.snapshot()?;
+                let counts = before.per_unit(&after, f.transactions + f.failures);
+                let fields: Vec<String> = counts
+                    .iter()
+                    .map(|(name, per)| format!("\"{name}\": {per:.3}"))
+                    .collect();
+                writeln!(
+                    out,
+                    "{{\"summary\": \"server_counts_per_unit\", \"backend\": \"{}\", \"impl\": \"{}\", \"clients\": {clients}, {}}}",
+                    backend.name(),
+                    f.name,
+                    fields.join(", ")
+                )?;
+                let text: Vec<String> = counts
+                    .iter()
+                    .map(|(name, per)| format!("{name} {per:.2}"))
+                    .collect();
+                report.lines.push(format!(
+                    "server counts {:<8} C={clients:<3} {:<15} per unit: {}",
+                    backend.name(),
+                    f.name,
+                    text.join(", ")
+                ));
+            }
             writeln!(
                 out,
                 "{{\"summary\": \"concurrency\", \"backend\": \"{}\", \"impl\": \"{}\", \"clients\": {clients}, \"connections\": {}, \"seconds\": {:.3}, \"transactions\": {}, \"failures\": {}, \"tps\": {:.1}, \"p50_us\": {:.1}, \"p99_us\": {:.1}, \"mean_us\": {:.1}, \"max_us\": {:.1}, \"min_units_per_task\": {}}}",

@@ -133,23 +133,19 @@ pub async fn facade(
     Ok(timer.finish())
 }
 
-fn commit(conn: &mut AnyConnection) -> QueryResult<()> {
-    <AnyConnection as Connection>::TransactionManager::commit_transaction(conn)
-}
-
 /// Runs `body` between BEGIN (IMMEDIATE on SQLite, as the facade) and COMMIT.
-fn in_transaction<R>(
-    conn: &mut AnyConnection,
-    body: impl FnOnce(&mut AnyConnection) -> Result<R, DemoError>,
+pub fn in_transaction<C: PoolableConnection, R>(
+    conn: &mut C,
+    body: impl FnOnce(&mut C) -> Result<R, DemoError>,
 ) -> Result<R, DemoError> {
     conn.begin_outer_transaction()?;
     match body(conn) {
         Ok(value) => {
-            commit(conn)?;
+            <C as Connection>::TransactionManager::commit_transaction(conn)?;
             Ok(value)
         }
         Err(e) => {
-            let _ = <AnyConnection as Connection>::TransactionManager::rollback_transaction(conn);
+            let _ = <C as Connection>::TransactionManager::rollback_transaction(conn);
             Err(e)
         }
     }

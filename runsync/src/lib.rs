@@ -47,6 +47,7 @@
 //! | `postgres-bundled` | no | `postgres`, with libpq compiled in (`pq-sys/bundled`); OpenSSL stays a system library |
 //! | `testing` | no | `testing::TestDatabase`: a database of its own per test, your migrations applied (for `[dev-dependencies]`) |
 //! | `metrics` | no | operation and pool metrics through the [`metrics`](https://docs.rs/metrics) facade (the `observe` module's docs list them) |
+//! | `mysql-single-round-trip` | no | `mysql`, with `BEGIN`, `COMMIT` and `ROLLBACK` in one round trip each (Diesel's `batch_execute` takes three); turns on Diesel's unstable `i-implement-a-third-party-backend-and-opt-into-breaking-changes` (for the transaction events' constructors), outside Diesel's semver promises |
 //!
 //! There is no bundled MySQL: `mysqlclient-sys/bundled` needs cmake and is
 //! GPL-2.0-only, so it is left to the application to opt in. Any other
@@ -124,6 +125,8 @@ mod engine;
 mod error;
 pub mod guide;
 mod manager;
+#[cfg(feature = "mysql-single-round-trip")]
+mod mysql_tx;
 pub mod observe;
 mod replica;
 mod retry;

@@ -76,7 +76,8 @@ impl WritePosition {
 /// | method | default | what the built-in impls give |
 /// |---|---|---|
 /// | [`connect`](Self::connect) | `establish` | SQLite: WAL, busy handler, foreign keys |
-/// | [`begin_outer_transaction`](Self::begin_outer_transaction) | `BEGIN` | SQLite: `BEGIN IMMEDIATE` (no upgrade deadlocks) |
+/// | [`begin_outer_transaction`](Self::begin_outer_transaction) | `BEGIN` | SQLite: `BEGIN IMMEDIATE` (no upgrade deadlocks); MySQL with `mysql-single-round-trip`: one round trip |
+/// | [`commit_outer_transaction`](Self::commit_outer_transaction), [`rollback_outer_transaction`](Self::rollback_outer_transaction) | the transaction manager's | MySQL with `mysql-single-round-trip`: one round trip |
 /// | [`begin_with_statement_timeout`](Self::begin_with_statement_timeout) | `BEGIN`, then [`set_statement_timeout`](Self::set_statement_timeout) | PostgreSQL: `BEGIN; SET LOCAL statement_timeout` in one round trip |
 /// | [`ping`](Self::ping) | `SELECT 1` | |
 /// | [`ready`](Self::ready) | [`ping`](Self::ping) | PostgreSQL: refuses a read-only node for a read-write engine; MariaDB: a Galera node not `wsrep_ready` |
@@ -93,6 +94,21 @@ pub trait PoolableConnection: Connection + Send + 'static {
     /// Begins the outermost transaction (SQLite uses `BEGIN IMMEDIATE`).
     fn begin_outer_transaction(&mut self) -> QueryResult<()> {
         <Self::TransactionManager as TransactionManager<Self>>::begin_transaction(self)
+    }
+
+    /// Commits the outermost transaction (the engine calls it at depth 1).
+    /// Overrides must keep the transaction manager's bookkeeping and its
+    /// `CommitTransaction` instrumentation event.
+    fn commit_outer_transaction(&mut self) -> QueryResult<()> {
+        <Self::TransactionManager as TransactionManager<Self>>::commit_transaction(self)
+    }
+
+    /// Rolls back the outermost transaction (the engine calls it at depth
+    /// 1, after rolling back any savepoints). Overrides must keep the
+    /// transaction manager's bookkeeping and its `RollbackTransaction`
+    /// instrumentation event.
+    fn rollback_outer_transaction(&mut self) -> QueryResult<()> {
+        <Self::TransactionManager as TransactionManager<Self>>::rollback_transaction(self)
     }
 
     /// Begins the outermost transaction with a server-side statement
@@ -212,6 +228,12 @@ macro_rules! forward_poolable_connection {
             }
             fn begin_outer_transaction(&mut self) -> ::diesel::QueryResult<()> {
                 match self { $($(#[$attr])* $ty::$variant(c) => $crate::PoolableConnection::begin_outer_transaction(c),)+ }
+            }
+            fn commit_outer_transaction(&mut self) -> ::diesel::QueryResult<()> {
+                match self { $($(#[$attr])* $ty::$variant(c) => $crate::PoolableConnection::commit_outer_transaction(c),)+ }
+            }
+            fn rollback_outer_transaction(&mut self) -> ::diesel::QueryResult<()> {
+                match self { $($(#[$attr])* $ty::$variant(c) => $crate::PoolableConnection::rollback_outer_transaction(c),)+ }
             }
             fn begin_with_statement_timeout(
                 &mut self,
@@ -360,6 +382,26 @@ fn pg_millis(timeout: Duration) -> u128 {
 #[cfg(feature = "mysql")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
 impl PoolableConnection for diesel::MysqlConnection {
+    /// `BEGIN` in one round trip (see [`commit_outer_transaction`](Self::commit_outer_transaction)).
+    #[cfg(feature = "mysql-single-round-trip")]
+    fn begin_outer_transaction(&mut self) -> QueryResult<()> {
+        crate::mysql_tx::begin(self)
+    }
+
+    /// `COMMIT` in one round trip: a statement prepared once per
+    /// connection, not Diesel's `batch_execute`, which switches
+    /// multi-statements on and off around it (three round trips).
+    #[cfg(feature = "mysql-single-round-trip")]
+    fn commit_outer_transaction(&mut self) -> QueryResult<()> {
+        crate::mysql_tx::commit(self)
+    }
+
+    /// `ROLLBACK` in one round trip (see [`commit_outer_transaction`](Self::commit_outer_transaction)).
+    #[cfg(feature = "mysql-single-round-trip")]
+    fn rollback_outer_transaction(&mut self) -> QueryResult<()> {
+        crate::mysql_tx::rollback(self)
+    }
+
     fn ready(&mut self, _access: Access) -> QueryResult<()> {
         mysql_ready(self)
     }
@@ -550,6 +592,9 @@ impl<C: PoolableConnection> Slot<C> {
                     )),
                 ))
             }
+            None if transaction_depth(self.conn_mut()) == 1 => {
+                self.conn_mut().commit_outer_transaction()
+            }
             None => C::TransactionManager::commit_transaction(self.conn_mut()),
         }
     }
@@ -682,8 +727,13 @@ pub(crate) fn rollback_all<C: PoolableConnection>(conn: &mut C) -> QueryResult<(
         match transaction_depth(conn) {
             0 => return Ok(()),
             BROKEN => return Err(diesel::result::Error::BrokenTransactionManager),
-            _ => {
-                if let Err(e) = C::TransactionManager::rollback_transaction(conn) {
+            depth => {
+                let rolled_back = if depth == 1 {
+                    conn.rollback_outer_transaction()
+                } else {
+                    C::TransactionManager::rollback_transaction(conn)
+                };
+                if let Err(e) = rolled_back {
                     tracing::warn!("ROLLBACK failed, the connection will be discarded: {e}");
                     return Err(e);
                 }
