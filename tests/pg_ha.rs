@@ -58,8 +58,8 @@ const PAUSE: Duration = Duration::from_millis(10);
 
 // ---------------------------------------------------------------------
 // What the library logs: failed connects (WARN on `diesel_runsync::sql`),
-// the attempts `transaction_with_retry` retries (DEBUG on
-// `diesel_runsync::retry`), and its INFO lines (a detected pooler).
+// the attempts `transaction_with_retry` retries (the INFO event `retry` on
+// `diesel_runsync`), and its INFO lines (a detected pooler).
 // ---------------------------------------------------------------------
 
 struct Logged {
@@ -74,8 +74,7 @@ static EVENTS: Mutex<Vec<Logged>> = Mutex::new(Vec::new());
 struct Capture;
 
 fn wanted(meta: &tracing::Metadata<'_>) -> bool {
-    meta.target().starts_with("diesel_runsync")
-        && (*meta.level() <= tracing::Level::INFO || meta.target() == "diesel_runsync::retry")
+    meta.target().starts_with("diesel_runsync") && *meta.level() <= tracing::Level::INFO
 }
 
 struct MessageOf(String);
@@ -142,10 +141,19 @@ fn failed_connects(from: Instant, to: Instant) -> usize {
         .count()
 }
 
-/// The error of a `transaction_with_retry` log line ("attempt N failed,
-/// retrying in D: <error>").
+/// Whether `e` is a `transaction_with_retry` retry: the INFO event `retry`
+/// on the library's span target ("retry: attempt N failed (<error>),
+/// retrying in D").
+fn is_retry(e: &Logged) -> bool {
+    e.target == diesel_runsync::SPAN_TARGET && e.message.starts_with("retry: ")
+}
+
+/// The error of a retry event's message.
 fn retry_error(message: &str) -> &str {
-    message.split_once(": ").map_or(message, |(_, e)| e)
+    message
+        .split_once(" failed (")
+        .and_then(|(_, rest)| rest.rsplit_once("), retrying in "))
+        .map_or(message, |(error, _)| error)
 }
 
 /// The distinct messages of `messages` (first 110 characters), most
@@ -666,9 +674,7 @@ fn sigkill_of_the_primary(rt: &Runtime, f: &mut Formation) {
     );
     let resumed = resumed_at - t0;
     let connects = failed_connects(t0, resumed_at);
-    let errors = logged(t0, |e| {
-        e.target == "diesel_runsync::retry" && e.at <= resumed_at
-    });
+    let errors = logged(t0, |e| is_retry(e) && e.at <= resumed_at);
     let retried_during = errors.len();
     f.restart_node(old);
     let restarted = Instant::now();
@@ -1115,7 +1121,7 @@ fn pgbouncer(rt: &Runtime, f: &mut Formation, dirs: &mut Vec<String>) {
         Duration::from_secs(30),
     );
     let ledger_f = load_f.stop(rt);
-    let retried = logged(t0, |e| e.target == "diesel_runsync::retry");
+    let retried = logged(t0, is_retry);
     let summary_f = assert_exactly_once(
         "bouncer-retarget",
         &ledger_f,

@@ -153,6 +153,43 @@ struct Cli {
     /// Print the process's peak RSS (VmHWM) at the end.
     #[arg(long)]
     rss: bool,
+
+    /// What watches the engine while it runs (the cost figures of the
+    /// observability: compare `none` with `spans`, `metrics` and `both`
+    /// in the same build).
+    #[arg(long, value_enum, default_value = "none")]
+    observe: Observe,
+}
+
+/// What [`Cli::observe`] installs before any engine connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Observe {
+    /// No subscriber, no recorder.
+    None,
+    /// A `tracing` registry with the engine's spans enabled (INFO on
+    /// `diesel_runsync`: each operation's span is created, entered on the
+    /// blocking thread, and its fields recorded).
+    Spans,
+    /// A Prometheus recorder taking the engine's metrics.
+    Metrics,
+    /// Both.
+    Both,
+}
+
+impl Observe {
+    /// Installs what this names, process-wide.
+    fn install(self) -> anyhow::Result<()> {
+        use tracing_subscriber::layer::SubscriberExt;
+        if matches!(self, Observe::Spans | Observe::Both) {
+            let subscriber = tracing_subscriber::registry()
+                .with(tracing_subscriber::EnvFilter::new("diesel_runsync=info"));
+            tracing::subscriber::set_global_default(subscriber)?;
+        }
+        if matches!(self, Observe::Metrics | Observe::Both) {
+            metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -234,6 +271,8 @@ impl Rng {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    cli.observe.install()?;
+    eprintln!("observe: {:?}", cli.observe);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
