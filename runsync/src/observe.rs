@@ -107,6 +107,16 @@ use tracing::Span;
 use crate::error::Error;
 use crate::url::{Backend, DatabaseUrl};
 
+/// Awaits `future` inside `span`, or as it is when `span` is disabled.
+pub(crate) async fn in_span<F: std::future::Future>(span: &Span, future: F) -> F::Output {
+    use tracing::Instrument as _;
+    if span.is_disabled() {
+        future.await
+    } else {
+        future.instrument(span.clone()).await
+    }
+}
+
 /// The `tracing` target of operation spans and retry events.
 pub const SPAN_TARGET: &str = "diesel_runsync";
 
@@ -540,9 +550,12 @@ pub(crate) struct OpObs {
 }
 
 impl OpObs {
-    /// The operation's span.
-    pub(crate) fn span(&self) -> &Span {
-        &self.span
+    /// Awaits `future` inside this operation's span; with no subscriber
+    /// (the span disabled) awaits it as it is, so that the hot path pays
+    /// neither the `Instrumented` wrapper's move of the future nor its
+    /// per-poll enter and exit.
+    pub(crate) async fn in_span<F: std::future::Future>(&self, future: F) -> F::Output {
+        in_span(&self.span, future).await
     }
 
     /// The clock now, if this operation is measured.

@@ -4,8 +4,6 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::Instrument as _;
-
 use crate::engine::Engine;
 use crate::error::{Error, Retryable};
 use crate::manager::PoolableConnection;
@@ -132,7 +130,7 @@ impl<C: PoolableConnection> Engine<C> {
         E: From<Error> + Retryable + std::fmt::Display + Send + 'static,
     {
         let span = self.observe().retry_span();
-        let attempted = self.retrying(policy, f).instrument(span.clone()).await;
+        let attempted = crate::observe::in_span(&span, self.retrying(policy, f)).await;
         if !span.is_disabled() {
             match &attempted {
                 Ok(done) => span.record("db.runsync.attempts", done.attempts),

@@ -36,7 +36,6 @@ use std::time::{Duration, Instant};
 
 use diesel::connection::TransactionManager;
 use tokio::sync::Notify;
-use tracing::Instrument as _;
 
 use crate::cancel::{Canceller, OpWatch, Reason};
 use crate::engine::{Engine, Pooled};
@@ -387,9 +386,8 @@ impl<C: PoolableConnection> AsyncSession<C> {
         E: From<Error> + Send + 'static,
     {
         let obs = self.engine.observe().start(op);
-        let result = self
-            .run_sync_observed(f, commit, timeout, &obs)
-            .instrument(obs.span().clone())
+        let result = obs
+            .in_span(self.run_sync_observed(f, commit, timeout, &obs))
             .await;
         match result {
             Ok(value) => {
@@ -639,10 +637,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
         after: impl FnOnce(&mut C) -> diesel::QueryResult<T> + Send + 'static,
     ) -> Result<T, Error> {
         let obs = self.engine.observe().start(Op::Commit);
-        let result = self
-            .commit_observed(after, &obs)
-            .instrument(obs.span().clone())
-            .await;
+        let result = obs.in_span(self.commit_observed(after, &obs)).await;
         obs.finish(result.as_ref().err().map(error_type));
         result
     }
@@ -724,11 +719,10 @@ impl<C: PoolableConnection> AsyncSession<C> {
             // the session's deadline the connection is given up, which
             // rolls back too.
             let obs = self.engine.observe().start(Op::Rollback);
-            let outcome = self
-                .blocking(self.statement_timeout, false, &obs, |slot| {
+            let outcome = obs
+                .in_span(self.blocking(self.statement_timeout, false, &obs, |slot| {
                     rollback_all(slot.conn_mut())
-                })
-                .instrument(obs.span().clone())
+                }))
                 .await;
             obs.finish(match &outcome {
                 Ok(Ok(())) => None,

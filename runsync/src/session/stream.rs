@@ -421,10 +421,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
         } else {
             obs.clock()
         };
-        let checked_out = {
-            use tracing::Instrument as _;
-            self.take_or_checkout().instrument(obs.span().clone()).await
-        };
+        let checked_out = { obs.in_span(self.take_or_checkout()).await };
         let mut pooled = match checked_out {
             Ok(pooled) => pooled,
             Err(e) => {
