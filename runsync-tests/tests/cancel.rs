@@ -19,7 +19,7 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{TestBackend, TestDb, insert_part, long_statement, next_unit, settle, unit};
+use common::{TestBackend, TestDb, insert_part, long_statement, next_unit, settle, spread, unit};
 use diesel::RunQueryDsl;
 use diesel::query_builder::{QueryFragment, SqlQuery};
 use diesel_runsync::{AsyncSession, Engine, EngineOptions, Error};
@@ -464,22 +464,7 @@ fn figure(line: String) {
 }
 
 fn rounds() -> usize {
-    std::env::var("RUNSYNC_CANCEL_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20)
-}
-
-/// Median, 99th percentile and maximum, in milliseconds.
-fn spread(mut times: Vec<Duration>) -> (f64, f64, f64) {
-    times.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let n = times.len();
-    (
-        ms(times[n / 2]),
-        ms(times[(n * 99).div_ceil(100) - 1]),
-        ms(times[n - 1]),
-    )
+    common::rounds_from("RUNSYNC_CANCEL_ROUNDS", 20)
 }
 
 /// 200 long statements (3 s), each cancelled by a 100 ms timeout after a

@@ -24,7 +24,7 @@ mod common;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use common::{TestBackend, TestDb, count_rows, insert_part, next_unit, settle};
+use common::{TestBackend, TestDb, count_rows, insert_part, next_unit, settle, spread};
 use diesel_runsync::{AsyncSession, Engine, EngineOptions, Error};
 
 /// The deadline of B's calls.
@@ -36,22 +36,7 @@ const DEADLINE: Duration = Duration::from_millis(100);
 const BOUNDED: Duration = Duration::from_secs(1);
 
 fn rounds() -> usize {
-    std::env::var("RUNSYNC_LOCK_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20)
-}
-
-/// Median, 99th percentile and maximum, in milliseconds.
-fn spread(mut times: Vec<Duration>) -> (f64, f64, f64) {
-    times.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let n = times.len();
-    (
-        ms(times[n / 2]),
-        ms(times[(n * 99).div_ceil(100) - 1]),
-        ms(times[n - 1]),
-    )
+    common::rounds_from("RUNSYNC_LOCK_ROUNDS", 20)
 }
 
 fn flavour() -> &'static str {

@@ -485,20 +485,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
             Some(joined) => joined,
             None => {
                 // Given up at the deadline: the connection goes, unreturned.
-                let committing = self.give_up();
-                let limit = timeout.unwrap_or_default();
-                return Err(if committing {
-                    self.state = State::Failed("COMMIT's outcome is unknown".into());
-                    Error::CommitOutcomeUnknown(format!(
-                        "the {limit:?} deadline passed while COMMIT was on its way"
-                    ))
-                } else {
-                    self.state = State::Failed(format!(
-                        "a run_sync call timed out after {limit:?}; its connection was given up"
-                    ));
-                    Error::Timeout(limit)
-                }
-                .into());
+                return Err(self.given_up_at(timeout.unwrap_or_default()).into());
             }
         };
         self.in_flight = None;
@@ -600,6 +587,24 @@ impl<C: PoolableConnection> AsyncSession<C> {
         );
         self.conn = None;
         op.committing.load(Ordering::Acquire)
+    }
+
+    /// Gives the operation in flight up once its `limit` deadline passed
+    /// ([`give_up`](Self::give_up)), leaves the session refusing work, and
+    /// says what the caller gets: [`Error::CommitOutcomeUnknown`] if
+    /// `COMMIT` was on its way, else [`Error::Timeout`].
+    fn given_up_at(&mut self, limit: Duration) -> Error {
+        if self.give_up() {
+            self.state = State::Failed("COMMIT's outcome is unknown".into());
+            Error::CommitOutcomeUnknown(format!(
+                "the {limit:?} deadline passed while COMMIT was on its way"
+            ))
+        } else {
+            self.state = State::Failed(format!(
+                "an operation timed out after {limit:?}; its connection was given up"
+            ));
+            Error::Timeout(limit)
+        }
     }
 
     /// Commits the transaction, if one is open, and returns the connection
@@ -849,16 +854,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
         let joined = self.join(handle, &watch, deadline).await;
         flag.disarm();
         let Some(joined) = joined else {
-            let committing = self.give_up();
-            self.state = State::Failed("the connection was given up".into());
-            let limit = limit.unwrap_or_default();
-            return Err(if committing {
-                Error::CommitOutcomeUnknown(format!(
-                    "COMMIT did not return within the session's {limit:?} deadline"
-                ))
-            } else {
-                Error::Timeout(limit)
-            });
+            return Err(self.given_up_at(limit.unwrap_or_default()));
         };
         self.in_flight = None;
         let pooled = home.lock().unwrap_or_else(|e| e.into_inner()).take();

@@ -686,3 +686,24 @@ macro_rules! per_backend {
     };
 }
 pub(crate) use per_backend;
+
+/// `var` as a count of rounds, else `default` (the suite's small count; the
+/// figure commands of RELIABILITY.md set the full one).
+pub fn rounds_from(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Median, 99th percentile and maximum of `times`, in milliseconds.
+pub fn spread(mut times: Vec<Duration>) -> (f64, f64, f64) {
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let n = times.len();
+    (
+        ms(times[n / 2]),
+        ms(times[(n * 99).div_ceil(100) - 1]),
+        ms(times[n - 1]),
+    )
+}
