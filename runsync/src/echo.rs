@@ -201,12 +201,15 @@ macro_rules! report {
 impl Instrumentation for SqlEcho {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
         self.track(&event);
-        let echo = self.enabled();
-        let slow = self
-            .slow
-            .filter(|_| tracing::enabled!(target: SQL_TARGET, tracing::Level::WARN));
-        if echo || slow.is_some() {
-            self.report(&event, echo, slow);
+        // The common case first: no echo, no slow-statement threshold.
+        let warns = || tracing::enabled!(target: SQL_TARGET, tracing::Level::WARN);
+        if self.enabled() {
+            let slow = self.slow.filter(|_| warns());
+            self.report(&event, true, slow);
+        } else if let Some(limit) = self.slow
+            && warns()
+        {
+            self.report(&event, false, Some(limit));
         }
         if let Some(then) = &mut self.then {
             then.on_connection_event(event);

@@ -25,12 +25,15 @@ pub(crate) struct Pooled<C: PoolableConnection> {
     _turn: OwnedSemaphorePermit,
     /// The engine's telemetry and when the checkout ended, when pool
     /// changes are reported (metrics compiled in, or a pool event hook).
-    checked_out: Option<(Arc<Observe>, Option<Instant>)>,
+    /// Boxed: a pointer's width when nothing is reported, as `Pooled` is
+    /// moved several times per operation.
+    checked_out: Option<Box<(Arc<Observe>, Option<Instant>)>>,
 }
 
 impl<C: PoolableConnection> Drop for Pooled<C> {
     fn drop(&mut self) {
-        if let Some((observe, since)) = self.checked_out.take() {
+        if let Some(checked_out) = self.checked_out.take() {
+            let (observe, since) = *checked_out;
             observe.checked_in(since);
         }
     }
@@ -467,16 +470,20 @@ impl<C: PoolableConnection> Engine<C> {
     /// session's [`AsyncSession::run_sync_and_commit`]). An error or panic in
     /// `f` rolls it back and is returned. Unlike [`AsyncSession::run_sync`],
     /// nothing is left for a later `commit()`.
-    pub async fn transaction<R, E, F>(&self, f: F) -> Result<R, E>
+    pub fn transaction<R, E, F>(&self, f: F) -> impl Future<Output = Result<R, E>>
     where
         F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<Error> + Send + 'static,
     {
-        let timeout = self.statement_timeout;
-        self.session()
-            .run_sync_then(f, true, timeout, crate::observe::Op::Transaction)
-            .await
+        // The operation's own future, with no `async` layer of this function's.
+        AsyncSession::run_sync_then(
+            crate::session::SessionOf::Fresh(self),
+            f,
+            true,
+            self.statement_timeout,
+            crate::observe::Op::Transaction,
+        )
     }
 
     /// Connection counts of the pool.
@@ -494,20 +501,9 @@ impl<C: PoolableConnection> Engine<C> {
     /// connection timeout in all.
     pub(crate) async fn checkout(&self) -> Result<Pooled<C>, Error> {
         let watch = self.observe.checkout_started();
-        let watched = watch.watched();
-        let checked_out = self.checkout_inner().await;
-        watch.ended(checked_out.as_ref().map(|_| ()));
-        let mut pooled = checked_out?;
-        if watched {
-            // For `db.client.connection.use_time`, and the checkin.
-            let since = cfg!(feature = "metrics").then(Instant::now);
-            pooled.checked_out = Some((self.observe.clone(), since));
-        }
-        Ok(pooled)
-    }
-
-    async fn checkout_inner(&self) -> Result<Pooled<C>, Error> {
         let timeout = self.connection_timeout;
+        // One `async` layer for the whole checkout, and the connection
+        // handed out as built: each layer or move copies it once more.
         tokio::time::timeout(timeout, async {
             let turn = self
                 .gate
@@ -533,13 +529,20 @@ impl<C: PoolableConnection> Engine<C> {
                     });
                 }
             };
+            watch.ended(Ok(()));
+            // For `db.client.connection.use_time`, and the checkin.
+            let checked_out = watch.watched().then(|| {
+                let since = cfg!(feature = "metrics").then(Instant::now);
+                Box::new((self.observe.clone(), since))
+            });
             Ok(Pooled {
                 inner,
                 _turn: turn,
-                checked_out: None,
+                checked_out,
             })
         })
         .await
         .unwrap_or(Err(Error::PoolTimeout(timeout)))
+        .inspect_err(|e| watch.ended(Err(e)))
     }
 }

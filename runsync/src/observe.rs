@@ -107,15 +107,22 @@ use tracing::Span;
 use crate::error::Error;
 use crate::url::{Backend, DatabaseUrl};
 
-/// Awaits `future` inside `span`, or as it is when `span` is disabled.
-pub(crate) async fn in_span<F: std::future::Future>(span: &Span, future: F) -> F::Output {
-    use tracing::Instrument as _;
-    if span.is_disabled() {
-        future.await
-    } else {
-        future.instrument(span.clone()).await
-    }
+/// Awaits a future inside a span, or as it is when the span is disabled
+/// (no subscriber listens): `in_span!(&span, future)`. A macro, not an
+/// `async fn`, so that it adds no layer of its own around the future (each
+/// layer moves the whole future once more; callgrind counted those moves).
+macro_rules! in_span {
+    ($span:expr, $future:expr) => {{
+        let span: &tracing::Span = $span;
+        let future = $future;
+        if span.is_disabled() {
+            future.await
+        } else {
+            tracing::Instrument::instrument(future, span.clone()).await
+        }
+    }};
 }
+pub(crate) use in_span;
 
 /// The `tracing` target of operation spans and retry events.
 pub const SPAN_TARGET: &str = "diesel_runsync";
@@ -352,6 +359,7 @@ impl Observe {
 
     /// Starts observing one operation: its span (a child of the current
     /// one) and, if anything records it, its clock.
+    #[inline]
     pub(crate) fn start(self: &Arc<Self>, op: Op) -> OpObs {
         let span = match op {
             Op::RunSync => op_span!("db.run_sync", op.name(), self),
@@ -363,10 +371,14 @@ impl Observe {
         };
         let observed = cfg!(feature = "metrics") || !span.is_disabled();
         OpObs {
-            span,
             op,
-            started: observed.then(Instant::now),
-            observe: observed.then(|| self.clone()),
+            on: observed.then(|| {
+                Box::new(Watched {
+                    span,
+                    started: Instant::now(),
+                    observe: self.clone(),
+                })
+            }),
             done: false,
         }
     }
@@ -413,6 +425,7 @@ impl Observe {
 
     /// A checkout begins (it ends with [`CheckoutObs::ended`], or is
     /// dropped with its future).
+    #[inline]
     pub(crate) fn checkout_started(&self) -> CheckoutObs<'_> {
         #[cfg(feature = "metrics")]
         self.metrics.pending.increment(1.0);
@@ -509,7 +522,8 @@ impl CheckoutObs<'_> {
     }
 
     /// The checkout ended, with a connection or not.
-    pub(crate) fn ended(self, outcome: Result<(), &Error>) {
+    #[inline]
+    pub(crate) fn ended(&self, outcome: Result<(), &Error>) {
         #[cfg(feature = "metrics")]
         {
             let m = &self.observe.metrics;
@@ -538,68 +552,97 @@ impl Drop for CheckoutObs<'_> {
     }
 }
 
-/// One operation being observed: its span, and its clock when anything
-/// records it. Dropped unfinished (the operation's future was dropped), it
-/// records `error.type = cancelled`.
+/// One operation being observed: its span and clock, when anything
+/// records them (a subscriber listens to its span, or metrics are compiled
+/// in); else nothing but the operation's name, so that the unobserved
+/// path stays a few branches. Dropped unfinished (the operation's future
+/// was dropped), it records `error.type = cancelled`.
 pub(crate) struct OpObs {
-    span: Span,
     op: Op,
-    started: Option<Instant>,
-    observe: Option<Arc<Observe>>,
+    on: Option<Box<Watched>>,
     done: bool,
 }
 
+/// What is kept of an observed operation.
+struct Watched {
+    span: Span,
+    started: Instant,
+    observe: Arc<Observe>,
+}
+
+/// The span of an unobserved operation.
+fn no_span() -> &'static Span {
+    static NONE: std::sync::LazyLock<Span> = std::sync::LazyLock::new(Span::none);
+    &NONE
+}
+
 impl OpObs {
-    /// Awaits `future` inside this operation's span; with no subscriber
-    /// (the span disabled) awaits it as it is, so that the hot path pays
-    /// neither the `Instrumented` wrapper's move of the future nor its
-    /// per-poll enter and exit.
-    pub(crate) async fn in_span<F: std::future::Future>(&self, future: F) -> F::Output {
-        in_span(&self.span, future).await
+    /// The operation's span (await inside it with [`in_span!`]).
+    pub(crate) fn span(&self) -> &Span {
+        match &self.on {
+            Some(on) => &on.span,
+            None => no_span(),
+        }
+    }
+
+    /// Enters the operation's span on this thread until the guard drops
+    /// (nothing when no subscriber listens); never held across an `.await`.
+    pub(crate) fn enter(&self) -> Option<tracing::span::Entered<'_>> {
+        let on = self.on.as_ref()?;
+        (!on.span.is_disabled()).then(|| on.span.enter())
     }
 
     /// The clock now, if this operation is measured.
     pub(crate) fn clock(&self) -> Option<Instant> {
-        self.started.map(|_| Instant::now())
+        self.on.as_ref().map(|_| Instant::now())
     }
 
     /// The pool wait (from `since`; none when the session held its connection).
+    #[inline]
     pub(crate) fn pool_waited(&self, since: Option<Instant>) {
-        if !self.span.is_disabled() {
+        if let Some(on) = &self.on
+            && !on.span.is_disabled()
+        {
             let waited = since.map_or(0.0, |s| millis(s.elapsed()));
-            self.span.record("db.runsync.pool_wait_ms", waited);
+            on.span.record("db.runsync.pool_wait_ms", waited);
         }
     }
 
     /// What the blocking task needs: the span, when it was spawned (now).
+    #[inline]
     pub(crate) fn for_task(&self) -> TaskObs {
-        TaskObs {
-            span: self.span.clone(),
-            spawned: self.clock(),
-            observe: self.observe.clone(),
-        }
+        TaskObs(self.on.as_ref().map(|on| {
+            Box::new(TaskWatched {
+                span: on.span.clone(),
+                spawned: Instant::now(),
+                observe: on.observe.clone(),
+            })
+        }))
     }
 
     /// The operation ended: with `error` (its `error.type`) or not.
+    #[inline]
     pub(crate) fn finish(mut self, error: Option<&'static str>) {
         self.done = true;
         self.record_end(error);
     }
 
+    #[inline]
     fn record_end(&self, error: Option<&'static str>) {
+        let Some(on) = &self.on else {
+            return;
+        };
         if let Some(error) = error
-            && !self.span.is_disabled()
+            && !on.span.is_disabled()
         {
-            self.span.record("error.type", error);
-            self.span.record("otel.status_code", "error");
+            on.span.record("error.type", error);
+            on.span.record("otel.status_code", "error");
         }
         #[cfg(feature = "metrics")]
-        if let (Some(started), Some(observe)) = (self.started, &self.observe) {
-            observe
-                .metrics
-                .operation(self.op, error, started.elapsed().as_secs_f64());
-        }
-        let _ = self.op;
+        on.observe
+            .metrics
+            .operation(self.op, error, on.started.elapsed().as_secs_f64());
+        let _ = (self.op, on.started, &on.observe);
     }
 }
 
@@ -611,37 +654,62 @@ impl Drop for OpObs {
     }
 }
 
-/// The blocking task's part of an operation's observation.
-pub(crate) struct TaskObs {
+/// The blocking task's part of an operation's observation (nothing when
+/// the operation is not observed). It travels in the operation's shared
+/// state, not in the blocking closure: a larger closure costs a larger
+/// copy at each of tokio's moves of the task.
+pub(crate) struct TaskObs(Option<Box<TaskWatched>>);
+
+/// What the blocking task keeps of an observed operation.
+struct TaskWatched {
     span: Span,
-    spawned: Option<Instant>,
-    observe: Option<Arc<Observe>>,
+    spawned: Instant,
+    observe: Arc<Observe>,
 }
 
 impl TaskObs {
-    /// Runs `body` inside the operation's span, recording the queue wait
-    /// before it and its run time.
-    pub(crate) fn run<T>(self, body: impl FnOnce() -> T) -> T {
-        let begun = self.spawned.map(|spawned| {
-            let now = Instant::now();
-            let queued = now.saturating_duration_since(spawned);
-            if !self.span.is_disabled() {
-                self.span.record("db.runsync.queue_wait_ms", millis(queued));
-            }
-            #[cfg(feature = "metrics")]
-            if let Some(observe) = &self.observe {
-                observe.metrics.queue_wait.record(queued.as_secs_f64());
-            }
-            now
-        });
-        let _ = &self.observe;
-        let value = self.span.in_scope(body);
-        if let Some(begun) = begun
-            && !self.span.is_disabled()
-        {
-            self.span
-                .record("db.runsync.run_ms", millis(begun.elapsed()));
+    /// The blocking task started: records the queue wait, and returns the
+    /// clock for [`ran`](Self::ran) (if this operation is measured).
+    #[inline]
+    pub(crate) fn started(&self) -> Option<Instant> {
+        let on = self.0.as_ref()?;
+        let now = Instant::now();
+        let queued = now.saturating_duration_since(on.spawned);
+        if !on.span.is_disabled() {
+            on.span.record("db.runsync.queue_wait_ms", millis(queued));
         }
+        #[cfg(feature = "metrics")]
+        on.observe.metrics.queue_wait.record(queued.as_secs_f64());
+        let _ = &on.observe;
+        Some(now)
+    }
+
+    /// Enters the operation's span on this thread until the guard drops
+    /// (nothing when no subscriber listens).
+    pub(crate) fn enter(&self) -> Option<tracing::span::Entered<'_>> {
+        let on = self.0.as_ref()?;
+        (!on.span.is_disabled()).then(|| on.span.enter())
+    }
+
+    /// The task's work, begun at `begun`, is over: records its run time.
+    #[inline]
+    pub(crate) fn ran(&self, begun: Option<Instant>) {
+        if let (Some(on), Some(begun)) = (&self.0, begun)
+            && !on.span.is_disabled()
+        {
+            on.span.record("db.runsync.run_ms", millis(begun.elapsed()));
+        }
+    }
+
+    /// Runs `body` as [`started`](Self::started), [`enter`](Self::enter)
+    /// and [`ran`](Self::ran) do.
+    pub(crate) fn run<T>(&self, body: impl FnOnce() -> T) -> T {
+        let begun = self.started();
+        let value = {
+            let _entered = self.enter();
+            body()
+        };
+        self.ran(begun);
         value
     }
 }

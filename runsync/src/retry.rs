@@ -130,7 +130,7 @@ impl<C: PoolableConnection> Engine<C> {
         E: From<Error> + Retryable + std::fmt::Display + Send + 'static,
     {
         let span = self.observe().retry_span();
-        let attempted = crate::observe::in_span(&span, self.retrying(policy, f)).await;
+        let attempted = crate::observe::in_span!(&span, self.retrying(policy, f));
         if !span.is_disabled() {
             match &attempted {
                 Ok(done) => span.record("db.runsync.attempts", done.attempts),

@@ -41,7 +41,9 @@ use crate::cancel::{Canceller, OpWatch, Reason};
 use crate::engine::{Engine, Pooled};
 use crate::error::Error;
 use crate::manager::{PoolableConnection, Slot, WritePosition, rollback_all, transaction_depth};
-use crate::observe::{Fail, Observe, Op, OpObs, RetireReason, diesel_error_type, error_type};
+use crate::observe::{
+    Fail, Observe, Op, OpObs, RetireReason, TaskObs, diesel_error_type, error_type,
+};
 
 pub(crate) mod stream;
 
@@ -120,15 +122,18 @@ struct InFlight {
     /// Set once the operation's connection is back in the pool (or closed).
     done: AtomicBool,
     finished: Notify,
+    /// The blocking task's observation (span, queue wait, run time).
+    obs: TaskObs,
 }
 
 impl InFlight {
-    fn new(canceller: Option<Canceller>, observe: Option<Arc<Observe>>) -> Self {
+    fn new(canceller: Option<Canceller>, observe: Option<Arc<Observe>>, obs: TaskObs) -> Self {
         InFlight {
             watch: OpWatch::observed(canceller, observe),
             committing: AtomicBool::new(false),
             done: AtomicBool::new(false),
             finished: Notify::new(),
+            obs,
         }
     }
 
@@ -220,7 +225,17 @@ impl Drop for ScopeFlag {
     }
 }
 
+/// Where [`AsyncSession::run_sync_then`] finds its session.
+pub(crate) enum SessionOf<'a, C: PoolableConnection> {
+    /// The caller's session.
+    Borrowed(&'a mut AsyncSession<C>),
+    /// A fresh session of this engine, made inside the operation's future
+    /// (`Engine::transaction`).
+    Fresh(&'a Engine<C>),
+}
+
 impl<C: PoolableConnection> AsyncSession<C> {
+    #[inline(always)]
     pub(crate) fn new(engine: Engine<C>) -> Self {
         let statement_timeout = engine.statement_timeout();
         AsyncSession {
@@ -236,9 +251,13 @@ impl<C: PoolableConnection> AsyncSession<C> {
     /// Registers a stream's blocking producer, which keeps its pool handle
     /// (a stream has no deadline to give it up at): the flag to drop with
     /// the stream and the signal to send back with the connection.
-    fn start_stream_operation(&mut self, canceller: Option<Canceller>) -> (CancelFlag, DoneSignal) {
+    fn start_stream_operation(
+        &mut self,
+        canceller: Option<Canceller>,
+        obs: &OpObs,
+    ) -> (CancelFlag, DoneSignal) {
         let observe = self.counts_cancels(&canceller);
-        let op = Arc::new(InFlight::new(canceller, observe));
+        let op = Arc::new(InFlight::new(canceller, observe, obs.for_task()));
         self.in_flight = Some((op.clone(), Weak::new()));
         (CancelFlag(op.clone(), true), DoneSignal(op))
     }
@@ -251,6 +270,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
         &mut self,
         mut pooled: Pooled<C>,
         cancellable: bool,
+        obs: &OpObs,
     ) -> (CancelFlag, DoneSignal, Slot<C>, Arc<Home<C>>) {
         let canceller = if cancellable {
             pooled.canceller.clone()
@@ -258,7 +278,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
             None
         };
         let observe = self.counts_cancels(&canceller);
-        let op = Arc::new(InFlight::new(canceller, observe));
+        let op = Arc::new(InFlight::new(canceller, observe, obs.for_task()));
         let slot = std::mem::replace(&mut *pooled, Slot::vacant());
         let home = Arc::new(Mutex::new(Some(pooled)));
         self.in_flight = Some((op.clone(), Arc::downgrade(&home)));
@@ -347,34 +367,45 @@ impl<C: PoolableConnection> AsyncSession<C> {
     ///
     /// If `f` returns an error or panics, the whole transaction is rolled
     /// back and the session refuses further work until [`rollback`](Self::rollback).
-    pub async fn run_sync<R, E, F>(&mut self, f: F) -> Result<R, E>
+    pub fn run_sync<R, E, F>(&mut self, f: F) -> impl Future<Output = Result<R, E>>
     where
         F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<Error> + Send + 'static,
     {
         let timeout = self.statement_timeout;
-        self.run_sync_then(f, false, timeout, Op::RunSync).await
+        Self::run_sync_then(SessionOf::Borrowed(self), f, false, timeout, Op::RunSync)
     }
 
     /// [`run_sync`](Self::run_sync), then [`commit`](Self::commit), in one
     /// blocking hop (`BEGIN` if needed, `f`, `COMMIT`): the cheapest way to
     /// run a short transaction. If this future is dropped before the
     /// `COMMIT` is sent, the transaction is rolled back instead.
-    pub async fn run_sync_and_commit<R, E, F>(&mut self, f: F) -> Result<R, E>
+    pub fn run_sync_and_commit<R, E, F>(&mut self, f: F) -> impl Future<Output = Result<R, E>>
     where
         F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<Error> + Send + 'static,
     {
         let timeout = self.statement_timeout;
-        self.run_sync_then(f, true, timeout, Op::RunSyncAndCommit)
-            .await
+        Self::run_sync_then(
+            SessionOf::Borrowed(self),
+            f,
+            true,
+            timeout,
+            Op::RunSyncAndCommit,
+        )
     }
 
-    /// `run_sync` (`commit`: and commit) as the operation `op`, in its span.
+    /// `run_sync` (`commit`: and commit) as the operation `op`, in its span,
+    /// on the session `source` names. One `async`
+    /// function from the caller's `.await` to the blocking task: the public
+    /// entry points return this future as it is, the span is entered around
+    /// the awaits inside (when a subscriber listens), and the result is
+    /// settled by a plain function, because each `async` layer moves the
+    /// whole future once more (callgrind counted those moves).
     pub(crate) async fn run_sync_then<R, E, F>(
-        &mut self,
+        source: SessionOf<'_, C>,
         f: F,
         commit: bool,
         timeout: Option<Duration>,
@@ -385,65 +416,60 @@ impl<C: PoolableConnection> AsyncSession<C> {
         R: Send + 'static,
         E: From<Error> + Send + 'static,
     {
-        let obs = self.engine.observe().start(op);
-        let result = obs
-            .in_span(self.run_sync_observed(f, commit, timeout, &obs))
-            .await;
-        match result {
-            Ok(value) => {
-                obs.finish(None);
-                Ok(value)
+        let mut fresh;
+        let session = match source {
+            SessionOf::Borrowed(session) => session,
+            SessionOf::Fresh(engine) => {
+                // Made here, inside the future, not moved into it.
+                fresh = AsyncSession::new(engine.clone());
+                &mut fresh
             }
-            Err(fail) => {
-                let (error, kind) = fail.typed();
-                obs.finish(Some(kind));
-                Err(error)
-            }
-        }
-    }
-
-    async fn run_sync_observed<R, E, F>(
-        &mut self,
-        f: F,
-        commit: bool,
-        timeout: Option<Duration>,
-        obs: &OpObs,
-    ) -> Result<R, Fail<E>>
-    where
-        F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
-        R: Send + 'static,
-        E: From<Error> + Send + 'static,
-    {
-        self.check_usable()?;
-        // The deadline bounds the whole call, the wait for a connection included.
-        let deadline = timeout.map(|limit| (limit, tokio::time::Instant::now() + limit));
-        let waiting = if self.conn.is_some() {
-            None
-        } else {
-            obs.clock()
         };
-        let pooled = match deadline {
-            Some((limit, at)) => {
-                let checked_out = tokio::time::timeout_at(at, self.take_or_checkout()).await;
-                checked_out.map_err(|_| {
-                    self.engine.observe().deadline_hit();
-                    Error::Timeout(limit)
-                })??
+        let obs = session.engine.observe().start(op);
+        let result: Result<R, Fail<E>> = 'op: {
+            if let Err(e) = session.check_usable() {
+                break 'op Err(e.into());
             }
-            None => self.take_or_checkout().await?,
-        };
-        obs.pool_waited(waiting);
-        let needs_begin = self.state != State::Open;
-        self.state = State::InFlight;
-        let (flag, done, slot, home) = self.start_operation(pooled, true);
-        let watch = done.0.watch.clone();
-        let task_home = home.clone();
-        let task_obs = obs.for_task();
-        let handle = tokio::task::spawn_blocking(move || {
-            task_obs.run(move || {
+            // The deadline bounds the whole call, the wait for a connection included.
+            let deadline = timeout.map(|limit| (limit, tokio::time::Instant::now() + limit));
+            let pooled = match session.conn.take() {
+                Some(pooled) => {
+                    obs.pool_waited(None);
+                    pooled
+                }
+                None => {
+                    let waiting = obs.clock();
+                    let checked_out = match deadline {
+                        // The deadline's timer is boxed: it would otherwise
+                        // widen this future, which is moved whole.
+                        Some((limit, at)) => {
+                            Box::pin(tokio::time::timeout_at(at, session.engine.checkout()))
+                                .await
+                                .unwrap_or_else(|_| {
+                                    session.engine.observe().deadline_hit();
+                                    Err(Error::Timeout(limit))
+                                })
+                        }
+                        None => session.engine.checkout().await,
+                    };
+                    obs.pool_waited(waiting);
+                    match checked_out {
+                        Ok(pooled) => pooled,
+                        Err(e) => break 'op Err(e.into()),
+                    }
+                }
+            };
+            let needs_begin = session.state != State::Open;
+            session.state = State::InFlight;
+            let (flag, done, slot, home) = session.start_operation(pooled, true, &obs);
+            let watch = done.0.watch.clone();
+            let task_home = home.clone();
+            let handle = tokio::task::spawn_blocking(move || {
+                let op = &done.0;
+                let begun = op.obs.started();
+                let entered = op.obs.enter();
                 let started = Instant::now();
                 let mut slot = slot;
-                let op = &done.0;
                 let watch = &op.watch;
                 let mut step = run_operation(&mut slot, timeout, needs_begin, watch, f);
                 let reason = watch.reason();
@@ -476,22 +502,49 @@ impl<C: PoolableConnection> AsyncSession<C> {
                 }
                 go_home(&task_home, slot);
                 drop(task_home);
+                drop(entered);
+                op.obs.ran(begun);
                 (step, done)
-            })
-        });
-        let joined = self.join(handle, &watch, deadline.map(|(_, at)| at)).await;
-        flag.disarm();
-        let joined = match joined {
-            Some(joined) => joined,
-            None => {
+            });
+            let at = deadline.map(|(_, at)| at);
+            let joined = session.join(handle, &watch, at, obs.span()).await;
+            flag.disarm();
+            let Some(joined) = joined else {
                 // Given up at the deadline: the connection goes, unreturned.
-                return Err(self.given_up_at(timeout.unwrap_or_default()).into());
+                let _entered = obs.enter();
+                break 'op Err(session.given_up_at(timeout.unwrap_or_default()).into());
+            };
+            session.in_flight = None;
+            let pooled = home.lock().unwrap_or_else(|e| e.into_inner()).take();
+            match joined {
+                Ok((step, _done)) => {
+                    let pooled = pooled.expect("the blocking task put the connection back");
+                    session.settle(step, pooled, commit)
+                }
+                Err(e) => Err(session.lost(e).into()),
             }
         };
-        self.in_flight = None;
-        let pooled = home.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let (step, _done) = joined.map_err(|e| self.lost(e))?;
-        let pooled = pooled.expect("the blocking task put the connection back");
+        match result {
+            Ok(value) => {
+                obs.finish(None);
+                Ok(value)
+            }
+            Err(fail) => {
+                let (error, kind) = fail.typed();
+                obs.finish(Some(kind));
+                Err(error)
+            }
+        }
+    }
+
+    /// The session after a `run_sync` operation's blocking task returned
+    /// `step` with the connection `pooled`, and what the caller gets.
+    fn settle<R, E>(
+        &mut self,
+        step: Step<R, E>,
+        pooled: Pooled<C>,
+        commit: bool,
+    ) -> Result<R, Fail<E>> {
         match step {
             Step::Done(value) if commit => {
                 drop(pooled);
@@ -551,6 +604,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
         mut handle: tokio::task::JoinHandle<T>,
         watch: &Arc<OpWatch>,
         deadline: Option<tokio::time::Instant>,
+        span: &tracing::Span,
     ) -> Option<Result<T, tokio::task::JoinError>> {
         let Some(at) = deadline else {
             return Some(handle.await);
@@ -559,6 +613,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
             biased;
             joined = &mut handle => return Some(joined),
             () = tokio::time::sleep_until(at) => {
+                let _entered = (!span.is_disabled()).then(|| span.enter());
                 self.engine.observe().deadline_hit();
                 watch.cancel(Reason::Timeout);
             }
@@ -642,7 +697,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
         after: impl FnOnce(&mut C) -> diesel::QueryResult<T> + Send + 'static,
     ) -> Result<T, Error> {
         let obs = self.engine.observe().start(Op::Commit);
-        let result = obs.in_span(self.commit_observed(after, &obs)).await;
+        let result = crate::observe::in_span!(obs.span(), self.commit_observed(after, &obs));
         obs.finish(result.as_ref().err().map(error_type));
         result
     }
@@ -724,11 +779,12 @@ impl<C: PoolableConnection> AsyncSession<C> {
             // the session's deadline the connection is given up, which
             // rolls back too.
             let obs = self.engine.observe().start(Op::Rollback);
-            let outcome = obs
-                .in_span(self.blocking(self.statement_timeout, false, &obs, |slot| {
+            let outcome = crate::observe::in_span!(
+                obs.span(),
+                self.blocking(self.statement_timeout, false, &obs, |slot| {
                     rollback_all(slot.conn_mut())
-                }))
-                .await;
+                })
+            );
             obs.finish(match &outcome {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(diesel_error_type(e)),
@@ -836,22 +892,19 @@ impl<C: PoolableConnection> AsyncSession<C> {
         obs.pool_waited(waiting);
         let previous = std::mem::replace(&mut self.state, State::InFlight);
         // The engine's own statements are never cancelled: no canceller.
-        let (flag, done, slot, home) = self.start_operation(pooled, false);
+        let (flag, done, slot, home) = self.start_operation(pooled, false, obs);
         done.0.committing.store(commit, Ordering::Release);
         let watch = done.0.watch.clone();
         let task_home = home.clone();
-        let task_obs = obs.for_task();
         let handle = tokio::task::spawn_blocking(move || {
-            task_obs.run(move || {
-                let mut slot = slot;
-                let value = op(&mut slot);
-                go_home(&task_home, slot);
-                drop(task_home);
-                (value, done)
-            })
+            let mut slot = slot;
+            let value = done.0.obs.run(|| op(&mut slot));
+            go_home(&task_home, slot);
+            drop(task_home);
+            (value, done)
         });
         let deadline = limit.map(|limit| tokio::time::Instant::now() + limit);
-        let joined = self.join(handle, &watch, deadline).await;
+        let joined = self.join(handle, &watch, deadline, obs.span()).await;
         flag.disarm();
         let Some(joined) = joined else {
             return Err(self.given_up_at(limit.unwrap_or_default()));
@@ -998,26 +1051,34 @@ impl<C: PoolableConnection> std::fmt::Debug for WithTimeout<'_, C> {
 
 impl<C: PoolableConnection> WithTimeout<'_, C> {
     /// [`AsyncSession::run_sync`] with this deadline.
-    pub async fn run_sync<R, E, F>(self, f: F) -> Result<R, E>
+    pub fn run_sync<R, E, F>(self, f: F) -> impl Future<Output = Result<R, E>>
     where
         F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<Error> + Send + 'static,
     {
-        self.session
-            .run_sync_then(f, false, Some(self.timeout), Op::RunSync)
-            .await
+        AsyncSession::run_sync_then(
+            SessionOf::Borrowed(self.session),
+            f,
+            false,
+            Some(self.timeout),
+            Op::RunSync,
+        )
     }
 
     /// [`AsyncSession::run_sync_and_commit`] with this deadline.
-    pub async fn run_sync_and_commit<R, E, F>(self, f: F) -> Result<R, E>
+    pub fn run_sync_and_commit<R, E, F>(self, f: F) -> impl Future<Output = Result<R, E>>
     where
         F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<Error> + Send + 'static,
     {
-        self.session
-            .run_sync_then(f, true, Some(self.timeout), Op::RunSyncAndCommit)
-            .await
+        AsyncSession::run_sync_then(
+            SessionOf::Borrowed(self.session),
+            f,
+            true,
+            Some(self.timeout),
+            Op::RunSyncAndCommit,
+        )
     }
 }

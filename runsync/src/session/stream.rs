@@ -421,7 +421,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
         } else {
             obs.clock()
         };
-        let checked_out = { obs.in_span(self.take_or_checkout()).await };
+        let checked_out = { crate::observe::in_span!(obs.span(), self.take_or_checkout()) };
         let mut pooled = match checked_out {
             Ok(pooled) => pooled,
             Err(e) => {
@@ -432,7 +432,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
         obs.pool_waited(waiting);
         let needs_begin = self.state != State::Open;
         self.state = State::InFlight;
-        let (flag, done) = self.start_stream_operation(pooled.canceller.clone());
+        let (flag, done) = self.start_stream_operation(pooled.canceller.clone(), &obs);
         let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
         let pending = Arc::new(Mutex::new(Vec::new()));
         let handoff = Arc::new(Mutex::new(Handoff {
@@ -447,9 +447,9 @@ impl<C: PoolableConnection> AsyncSession<C> {
             gathering_since: Instant::now(),
         };
         let shared = handoff.clone();
-        let task_obs = obs.for_task();
         let task = tokio::task::spawn_blocking(move || {
-            task_obs.run(move || {
+            let op = done.0.clone();
+            op.obs.run(move || {
                 let slot = &mut *pooled;
                 let watch = &done.0.watch;
                 // No deadline for a stream: the server's default timeout.
