@@ -1,8 +1,11 @@
-//! SQL echo: every statement, its bind values and its duration, through `tracing`.
+//! SQL echo: every statement and its duration, through `tracing`.
 //!
 //! Events go to the target [`SQL_TARGET`] (`diesel_runsync::sql`): at `INFO`
 //! when the engine's `echo` option is on, at `DEBUG` otherwise, so
-//! `RUST_LOG=diesel_runsync::sql=debug` shows them without the option.
+//! `RUST_LOG=diesel_runsync::sql=debug` shows them without the option. Bind
+//! values appear in the message only when asked for, with the `echo`
+//! option (as SQLAlchemy's `echo=True` prints them); at `DEBUG` without it,
+//! a log filter turned up for something else never writes them.
 //! `BEGIN`, `COMMIT` and `ROLLBACK` appear as the statements they are.
 //! Each statement event carries the fields `db.query.text` (the SQL alone,
 //! never its bind values) and `db.runsync.duration_ms`; inside an
@@ -221,7 +224,8 @@ impl SqlEcho {
     /// The echo (`echo`): statements with their durations, connections;
     /// and statements slower than `slow`. Each statement event carries
     /// `db.query.text` (the SQL without its bind values) and
-    /// `db.runsync.duration_ms`; the echo's message shows the binds too.
+    /// `db.runsync.duration_ms`; the message shows the binds too when the
+    /// `echo` option asks for them.
     fn report(&mut self, event: &InstrumentationEvent<'_>, echo: bool, slow: Option<Duration>) {
         match event {
             InstrumentationEvent::StartQuery { .. } => self.started = Some(Instant::now()),
@@ -234,6 +238,8 @@ impl SqlEcho {
                 let ms = took.map_or(0.0, |t| t.as_secs_f64() * 1e3);
                 let shown = query.to_string();
                 let sql = without_binds(&shown);
+                // Bind values only when the `echo` option asked for them.
+                let shown = if self.echo { shown.as_str() } else { sql };
                 match error {
                     None if echo => report!(
                         self.echo,
