@@ -361,6 +361,18 @@ impl Observe {
     /// one) and, if anything records it, its clock.
     #[inline]
     pub(crate) fn start(self: &Arc<Self>, op: Op) -> OpObs {
+        use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
+        if !cfg!(feature = "metrics")
+            && (STATIC_MAX_LEVEL < tracing::Level::INFO
+                || LevelFilter::current() < tracing::Level::INFO)
+        {
+            // Nothing can record this operation: no span, no clock.
+            return OpObs {
+                op,
+                on: None,
+                done: false,
+            };
+        }
         let span = match op {
             Op::RunSync => op_span!("db.run_sync", op.name(), self),
             Op::RunSyncAndCommit => op_span!("db.run_sync_and_commit", op.name(), self),

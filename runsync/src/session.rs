@@ -235,7 +235,6 @@ pub(crate) enum SessionOf<'a, C: PoolableConnection> {
 }
 
 impl<C: PoolableConnection> AsyncSession<C> {
-    #[inline(always)]
     pub(crate) fn new(engine: Engine<C>) -> Self {
         let statement_timeout = engine.statement_timeout();
         AsyncSession {
@@ -420,8 +419,16 @@ impl<C: PoolableConnection> AsyncSession<C> {
         let session = match source {
             SessionOf::Borrowed(session) => session,
             SessionOf::Fresh(engine) => {
-                // Made here, inside the future, not moved into it.
-                fresh = AsyncSession::new(engine.clone());
+                // Made here, field by field, inside the future: a session
+                // made elsewhere would be copied in whole.
+                fresh = AsyncSession {
+                    engine: engine.clone(),
+                    conn: None,
+                    state: State::Idle,
+                    scope_cancelled: None,
+                    in_flight: None,
+                    statement_timeout: engine.statement_timeout(),
+                };
                 &mut fresh
             }
         };
@@ -539,6 +546,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
 
     /// The session after a `run_sync` operation's blocking task returned
     /// `step` with the connection `pooled`, and what the caller gets.
+    #[inline]
     fn settle<R, E>(
         &mut self,
         step: Step<R, E>,
