@@ -14,7 +14,7 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
     }
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
-    if p == 50.0 && sorted.len() % 2 == 0 {
+    if p == 50.0 && sorted.len().is_multiple_of(2) {
         let mid = sorted.len() / 2;
         return (sorted[mid - 1] + sorted[mid]) / 2.0;
     }

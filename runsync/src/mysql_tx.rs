@@ -131,14 +131,14 @@ pub(crate) fn commit(conn: &mut MysqlConnection) -> QueryResult<()> {
         },
         Err(commit_error) => {
             // As Diesel: the transaction may still be open; roll it back.
-            if matches!(status(conn).transaction_depth(), Ok(Some(OUTERMOST))) {
-                if let Err(rollback_error) = rollback(conn) {
-                    status(conn).set_in_error();
-                    return Err(Error::RollbackErrorOnCommit {
-                        rollback_error: Box::new(rollback_error),
-                        commit_error: Box::new(commit_error),
-                    });
-                }
+            if matches!(status(conn).transaction_depth(), Ok(Some(OUTERMOST)))
+                && let Err(rollback_error) = rollback(conn)
+            {
+                status(conn).set_in_error();
+                return Err(Error::RollbackErrorOnCommit {
+                    rollback_error: Box::new(rollback_error),
+                    commit_error: Box::new(commit_error),
+                });
             }
             Err(commit_error)
         }
