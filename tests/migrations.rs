@@ -75,7 +75,7 @@ fn a_conflicting_table_fails_the_migration_by_name_and_writes_nothing(db: TestDb
 #[cfg_attr(runsync_skip_postgres, ignore = "PG_DATABASE_URL is not set")]
 fn a_table_of_another_role_is_seen_by_the_reset() {
     use diesel::connection::SimpleConnection;
-    let db = TestDb::new(diesel_runsync::Backend::Postgres, "other_role");
+    let db = TestDb::new(diesel_runsync::Backend::Postgres);
     let suffix = std::process::id();
     let (owner, runner) = (format!("rs_owner_{suffix}"), format!("rs_runner_{suffix}"));
     let mut admin = db.connect();

@@ -664,7 +664,7 @@ fn half_done_states_of_any_version_are_recovered(db: TestDb) {
     ];
     let dir = tempfile::tempdir().unwrap();
     for (i, (case, setup)) in cases.iter().enumerate() {
-        let case_db = TestDb::new(backend, &format!("half_done_{i}"));
+        let case_db = TestDb::new(backend);
         if i >= 2 {
             // A reset of a whole schema holding the program's rows.
             assert_a_normal_run(&case_db, dir.path(), "setup");
@@ -711,7 +711,7 @@ fn the_staged_mysql_tables_are_the_migrations_tables(db: TestDb) {
     }
     let dir = tempfile::tempdir().unwrap();
     assert_a_normal_run(&db, dir.path(), "the program");
-    let plain = TestDb::new(Backend::Mysql, "staged_plain");
+    let plain = TestDb::new(Backend::Mysql);
     let mut conn = plain.connect();
     {
         use diesel_migrations::MigrationHarness;

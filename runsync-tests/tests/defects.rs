@@ -246,7 +246,7 @@ async fn a_failed_rollback_is_reported<C: TestBackend>(db: TestDb<C>, kill: fn(i
 )]
 async fn a_failed_rollback_is_reported_postgres() {
     #[cfg(feature = "postgres")]
-    common::run("failed_rollback", |db: TestDb<diesel::PgConnection>| {
+    common::run(|db: TestDb<diesel::PgConnection>| {
         a_failed_rollback_is_reported(db, |id| format!("SELECT pg_terminate_backend({id})"))
     })
     .await;
@@ -260,7 +260,7 @@ async fn a_failed_rollback_is_reported_postgres() {
 )]
 async fn a_failed_rollback_is_reported_mysql() {
     #[cfg(feature = "mysql")]
-    common::run("failed_rollback", |db: TestDb<diesel::MysqlConnection>| {
+    common::run(|db: TestDb<diesel::MysqlConnection>| {
         a_failed_rollback_is_reported(db, |id| format!("KILL {id}"))
     })
     .await;

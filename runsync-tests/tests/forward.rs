@@ -180,3 +180,10 @@ async fn a_forwarded_enum_keeps_the_postgres_cancel_and_server_timeout() {
 fn url_of() -> String {
     <PgConnection as TestBackend>::server_url().unwrap()
 }
+
+/// `is_embedded` is not forwarded (no `self` to pick a variant by): an
+/// enum with a SQLite variant still needs a URL from `TestDatabase`.
+#[test]
+fn an_enum_of_connections_is_not_embedded() {
+    assert!(!<Forwarded as PoolableConnection>::is_embedded());
+}

@@ -111,6 +111,61 @@ where
         .unwrap();
 }
 
+/// No migration, an empty database: not even Diesel's
+/// `__diesel_schema_migrations` (the program's tests, whose subject is the
+/// program's own schema step, start from it).
+struct NoMigrations;
+
+impl<DB: diesel::backend::Backend> diesel::migration::MigrationSource<DB> for NoMigrations {
+    fn migrations(
+        &self,
+    ) -> diesel::migration::Result<Vec<Box<dyn diesel::migration::Migration<DB>>>> {
+        Ok(Vec::new())
+    }
+}
+
+async fn empty_without_migrations<C>(server: &str)
+where
+    C: TestBackend + MigrationHarness<C::Backend>,
+{
+    let db = TestDatabase::<C>::on(server, NoMigrations).await;
+    let sql = match C::NAME {
+        "sqlite" => "SELECT CAST(count(*) AS BIGINT) AS n FROM sqlite_master WHERE type = 'table'"
+            .to_owned(),
+        "postgres" => "SELECT CAST(count(*) AS BIGINT) AS n FROM pg_tables \
+                       WHERE schemaname = 'public'"
+            .to_owned(),
+        _ => format!(
+            "SELECT CAST(count(*) AS SIGNED) AS n FROM information_schema.tables \
+             WHERE table_schema = '{}'",
+            db.name()
+        ),
+    };
+    let tables = db
+        .engine()
+        .transaction(move |c: &mut C| c.scalar(&sql))
+        .await
+        .unwrap();
+    assert_eq!(tables, 0, "{}: no table", C::NAME);
+}
+
+/// Which connection types [`TestDatabase::new`] may default to SQLite for.
+#[test]
+fn only_sqlite_is_embedded() {
+    #[cfg(feature = "sqlite")]
+    assert!(<diesel::SqliteConnection as PoolableConnection>::is_embedded());
+    #[cfg(feature = "postgres")]
+    assert!(!<diesel::PgConnection as PoolableConnection>::is_embedded());
+    #[cfg(feature = "mysql")]
+    assert!(!<diesel::MysqlConnection as PoolableConnection>::is_embedded());
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn sqlite_empty_without_migrations() {
+    empty_without_migrations::<diesel::SqliteConnection>("sqlite://unused.db").await;
+}
+
 #[cfg(feature = "sqlite")]
 #[tokio::test]
 async fn sqlite_databases_apart_and_removed() {
@@ -149,6 +204,12 @@ mod postgres {
     #[cfg_attr(runsync_skip_postgres, ignore = "PG_DATABASE_URL is not set")]
     async fn kept_on_failure() {
         kept_when_the_test_fails::<PgConnection>(&server(), || POSTGRES).await;
+    }
+
+    #[tokio::test]
+    #[cfg_attr(runsync_skip_postgres, ignore = "PG_DATABASE_URL is not set")]
+    async fn empty_without_migrations() {
+        super::empty_without_migrations::<PgConnection>(&server()).await;
     }
 
     /// Per-test set-up time: a copy of the template (migrated once) against
@@ -224,5 +285,44 @@ mod mysql {
     #[cfg_attr(runsync_skip_mysql, ignore = "MYSQL_DATABASE_URL is not set")]
     async fn kept_on_failure() {
         kept_when_the_test_fails::<MysqlConnection>(&server(), || MYSQL).await;
+    }
+
+    #[tokio::test]
+    #[cfg_attr(runsync_skip_mysql, ignore = "MYSQL_DATABASE_URL is not set")]
+    async fn empty_without_migrations() {
+        super::empty_without_migrations::<MysqlConnection>(&server()).await;
+    }
+
+    /// A connection left holding a transaction on the database (a test's
+    /// abandoned one) does not hold up its drop: `DROP DATABASE` would
+    /// wait for its metadata lock (`lock_wait_timeout`, a year by default);
+    /// the drop ends it first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[cfg_attr(runsync_skip_mysql, ignore = "MYSQL_DATABASE_URL is not set")]
+    async fn dropped_with_a_transaction_open_on_it() {
+        let server = server();
+        let db = TestDatabase::<MysqlConnection>::on(&server, MYSQL).await;
+        let (url, name) = (db.url().to_owned(), db.name().to_owned());
+        let holder = tokio::task::spawn_blocking(move || {
+            let parsed = diesel_runsync::DatabaseUrl::parse(&url).unwrap();
+            let mut conn = MysqlConnection::connect(&parsed).unwrap();
+            conn.batch_execute("BEGIN; INSERT INTO t20 (name) VALUES ('held')")
+                .unwrap();
+            conn
+        })
+        .await
+        .unwrap();
+        let dropped = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::task::spawn_blocking(move || drop(db)),
+        )
+        .await;
+        // Closed either way, so a drop that waits ends (the test fails then).
+        drop(holder);
+        assert!(dropped.is_ok(), "the drop waited for the open transaction");
+        assert!(
+            !exists::<MysqlConnection>(&server, &name),
+            "{name} was dropped"
+        );
     }
 }

@@ -85,6 +85,7 @@ impl WritePosition {
 /// | [`timeout_scope`](Self::timeout_scope) | [`TimeoutScope::None`]: deadlines are client-side only | PostgreSQL per transaction, MySQL per session |
 /// | [`set_statement_timeout`](Self::set_statement_timeout) | nothing | `SET LOCAL statement_timeout`, `max_statement_time` |
 /// | [`write_position`](Self::write_position), [`has_replayed`](Self::has_replayed) | unknown: reads after a write go to the primary | PostgreSQL: WAL LSNs |
+/// | [`is_embedded`](Self::is_embedded) | `false`: a server | SQLite: `true` |
 pub trait PoolableConnection: Connection + Send + 'static {
     /// Opens a connection to `url` and applies per-connection settings.
     fn connect(url: &DatabaseUrl) -> Result<Self, ConnectionError> {
@@ -182,6 +183,17 @@ pub trait PoolableConnection: Connection + Send + 'static {
         let _ = position;
         Ok(false)
     }
+
+    /// Whether this connection type is an embedded database that needs no
+    /// server (SQLite: `true`). With no database URL set,
+    /// `testing::TestDatabase::new` (feature `testing`) falls back to a
+    /// fresh SQLite file for such a type, and panics, asking for a URL, for
+    /// any other. The default is `false`; an enum of connections
+    /// ([`forward_poolable_connection!`](crate::forward_poolable_connection))
+    /// keeps it: which of its variants to use is the URL's to say.
+    fn is_embedded() -> bool {
+        false
+    }
 }
 
 /// Forwards every [`PoolableConnection`] method of an enum of connections
@@ -207,6 +219,12 @@ pub trait PoolableConnection: Connection + Send + 'static {
 ///
 /// Each line maps a [`Backend`](crate::Backend) to the variant that serves
 /// it. A URL of a backend without a line fails to connect, saying so.
+///
+/// [`is_embedded`](crate::PoolableConnection::is_embedded) is not forwarded
+/// (it has no `self` to pick a variant by) and stays `false`, even when
+/// SQLite is one of the variants: such a type always needs a URL, so
+/// `testing::TestDatabase::new` of it wants `TEST_DATABASE_URL` (a SQLite
+/// path will do), or `TestDatabase::on` is given one.
 #[macro_export]
 macro_rules! forward_poolable_connection {
     ($ty:ident { $($(#[$attr:meta])* $backend:ident => $variant:ident($conn:ty)),+ $(,)? }) => {
@@ -483,6 +501,11 @@ impl PoolableConnection for diesel::SqliteConnection {
     /// timeout (same 5 s limit), so a deadline bounds `BEGIN IMMEDIATE`.
     fn canceller(&mut self, _url: &DatabaseUrl) -> Option<Canceller> {
         crate::cancel::sqlite::canceller()
+    }
+
+    /// SQLite is a file: no server needed.
+    fn is_embedded() -> bool {
+        true
     }
 }
 

@@ -29,9 +29,11 @@
 //! - **Where**: the server `TEST_DATABASE_URL` names, else `DATABASE_URL`
 //!   (any database on it; the tests create their own), or a SQLite path or
 //!   `sqlite://` URL there, which stands for "a fresh SQLite file per test"
-//!   in a temporary directory. Unset: SQLite for an engine of
-//!   `SqliteConnection`, and for any other connection a panic that says
-//!   which variable to set. [`TestDatabase::on`] takes the URL directly.
+//!   in a temporary directory. Unset: SQLite for an embedded connection
+//!   type ([`PoolableConnection::is_embedded`]: `SqliteConnection`), and
+//!   for any other connection a panic that says which variable to set.
+//!   [`TestDatabase::on`] and [`TestDatabase::on_with_options`] take the
+//!   URL directly.
 //! - **What**: a database named `rst_<pid>_<n>` (unique among the tests of
 //!   a process, and among processes), with your migrations applied, and an
 //!   engine on it ([`TestDatabase::engine`], options of your choice with
@@ -39,7 +41,10 @@
 //!   per process, into a template database, and each test's database is a
 //!   copy of it (`CREATE DATABASE ... TEMPLATE`): with many migrations this
 //!   is much faster than running them per test. MySQL/MariaDB has no
-//!   templates: each test runs the migrations.
+//!   templates: each test runs the migrations. An empty migration set
+//!   leaves the database empty (for tests that make the schema
+//!   themselves): not even Diesel's `__diesel_schema_migrations` table is
+//!   created, and PostgreSQL uses no template.
 //! - **After**: when the [`TestDatabase`] is dropped, the database is
 //!   dropped too, unless the test is failing (the thread is panicking):
 //!   then it is kept, and its name is printed, for a look. Databases left by
@@ -127,9 +132,7 @@ where
             .find_map(|var| std::env::var(var).ok().filter(|v| !v.trim().is_empty()));
         let server = match server {
             Some(url) => url,
-            None if std::any::type_name::<C>().contains("SqliteConnection") => {
-                "sqlite::test".to_owned()
-            }
+            None if C::is_embedded() => "sqlite::test".to_owned(),
             None => panic!(
                 "TestDatabase: set TEST_DATABASE_URL (or DATABASE_URL) to a database server's URL \
                  (postgres://user@host/any_db or mysql://user@host/any_db; each test creates its \
@@ -148,7 +151,8 @@ where
         Self::on_with_options(server_url, migrations, EngineOptions::default()).await
     }
 
-    async fn on_with_options<M>(server_url: &str, migrations: M, options: EngineOptions) -> Self
+    /// [`on`](Self::on), with the engine's `options`.
+    pub async fn on_with_options<M>(server_url: &str, migrations: M, options: EngineOptions) -> Self
     where
         M: MigrationSource<C::Backend> + Send + Sync + 'static,
     {
@@ -174,7 +178,8 @@ where
                 let url = with_database(&admin_url, &name);
                 purge_once(&admin_url, backend).await;
                 let template = match backend {
-                    Backend::Postgres => {
+                    // No migration: nothing to copy (and no template left).
+                    Backend::Postgres if !is_empty(&migrations) => {
                         Some(template::<C, _>(&admin_url, migrations.clone()).await)
                     }
                     _ => None,
@@ -306,15 +311,27 @@ fn admin_connection<C: PoolableConnection>(url: &str) -> C {
     })
 }
 
-/// Applies `migrations` to the database at `url`.
+/// Applies `migrations` to the database at `url`; none: nothing, not even
+/// Diesel's `__diesel_schema_migrations` table.
 fn migrate<C, M>(url: &str, migrations: M)
 where
     C: PoolableConnection + MigrationHarness<C::Backend>,
     M: MigrationSource<C::Backend>,
 {
+    if is_empty(&migrations) {
+        return;
+    }
     let mut conn = admin_connection::<C>(url);
     conn.run_pending_migrations(migrations)
         .unwrap_or_else(|e| panic!("TestDatabase: the migrations failed: {e}"));
+}
+
+/// Whether `migrations` holds no migration.
+fn is_empty<DB: diesel::backend::Backend>(migrations: &impl MigrationSource<DB>) -> bool {
+    migrations
+        .migrations()
+        .unwrap_or_else(|e| panic!("TestDatabase: the migrations cannot be read: {e}"))
+        .is_empty()
 }
 
 /// The name of this process's template for `migrations` on `admin_url`,
@@ -452,11 +469,49 @@ fn list_databases(admin_url: &str, backend: Backend) -> Result<Vec<String>, Stri
 /// Drops database `name` (PostgreSQL: `WITH (FORCE)`, closing its
 /// connections; MySQL: its connections are killed first).
 fn drop_database(admin_url: &str, backend: Backend, name: &str) -> Result<(), String> {
-    let sql = match backend {
-        Backend::Postgres => format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-        _ => format!("DROP DATABASE IF EXISTS {name}"),
-    };
-    admin_exec(admin_url, &sql)
+    match backend {
+        Backend::Postgres => admin_exec(
+            admin_url,
+            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        ),
+        #[cfg(feature = "mysql")]
+        Backend::Mysql => drop_mysql_database(admin_url, name),
+        _ => admin_exec(admin_url, &format!("DROP DATABASE IF EXISTS {name}")),
+    }
+}
+
+/// MySQL/MariaDB: ends the connections still on database `name`, then
+/// drops it. `DROP DATABASE` would otherwise wait (`lock_wait_timeout`: a
+/// year by default) for a transaction one of them holds open, such as a
+/// connection a test abandoned.
+#[cfg(feature = "mysql")]
+fn drop_mysql_database(admin_url: &str, name: &str) -> Result<(), String> {
+    use diesel::connection::SimpleConnection;
+    #[derive(diesel::QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        id: i64,
+    }
+    let parsed = DatabaseUrl::parse(admin_url).map_err(|e| e.to_string())?;
+    let scrub = |e: &dyn std::fmt::Display| parsed.scrub(&e.to_string());
+    let mut admin = diesel::MysqlConnection::connect(&parsed).map_err(|e| scrub(&e))?;
+    let others: Vec<Id> = diesel::RunQueryDsl::load(
+        diesel::sql_query(format!(
+            "SELECT CAST(id AS SIGNED) AS id FROM information_schema.processlist \
+             WHERE db = '{name}' AND id <> CONNECTION_ID()"
+        )),
+        &mut admin,
+    )
+    .map_err(|e| scrub(&e))?;
+    for other in others {
+        // It may have gone by itself in the meantime.
+        let _ = admin.batch_execute(&format!("KILL {}", other.id));
+    }
+    admin
+        .batch_execute(&format!(
+            "SET SESSION lock_wait_timeout = 30; DROP DATABASE IF EXISTS {name}"
+        ))
+        .map_err(|e| scrub(&e))
 }
 
 /// `url` with its database (path) replaced by `name`, its query kept.

@@ -1,7 +1,12 @@
 //! Test databases and the per-backend test macro.
 //!
 //! Each test gets its own SQLite file, PostgreSQL database or MySQL
-//! database, dropped when the test ends, so tests run in parallel.
+//! database, made by the library's `diesel_runsync::testing::TestDatabase`
+//! (so tests run in parallel): dropped when the test passes, kept (its name
+//! printed) when it fails, and dropped by a later run once its process is
+//! gone. The database starts empty; the tests put the program's schema in
+//! it with the program's own reset ([`migrate`], [`TestDb::migrated_engine`])
+//! or its CLI, which is much of what they test.
 //!
 //! A test that touches a database exists once per backend, as
 //! `name::sqlite`, `name::postgres` and `name::mysql` (see [`per_backend!`]),
@@ -20,10 +25,11 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use diesel::connection::SimpleConnection;
+use diesel::migration::{Migration, MigrationSource};
 use diesel::prelude::*;
+use diesel_runsync::testing::TestDatabase;
 use diesel_runsync::{Backend, Engine, EngineOptions};
 use greenlet_orm::queries::insert_families;
 use greenlet_orm::schema::b;
@@ -88,10 +94,7 @@ macro_rules! per_backend {
         #[test]
         $(#[$attr])*
         fn $backend() {
-            let db = $crate::common::TestDb::new(
-                ::diesel_runsync::Backend::$variant,
-                stringify!($name),
-            );
+            let db = $crate::common::TestDb::new(::diesel_runsync::Backend::$variant);
             super::$name(db);
         }
     };
@@ -102,7 +105,6 @@ macro_rules! per_backend {
             $crate::common::run_async(
                 $crate::common::Flavor::CurrentThread,
                 ::diesel_runsync::Backend::$variant,
-                stringify!($name),
                 super::$name,
             );
         }
@@ -114,7 +116,6 @@ macro_rules! per_backend {
             $crate::common::run_async(
                 $crate::common::Flavor::MultiThread,
                 ::diesel_runsync::Backend::$variant,
-                stringify!($name),
                 super::$name,
             );
         }
@@ -160,15 +161,15 @@ pub fn runtime(flavor: Flavor) -> tokio::runtime::Runtime {
 
 /// Runs the async test `test` on a fresh database of `backend`: the
 /// database is created before the runtime starts and dropped after it has
-/// shut down (also when the test panics). A blocking task still running
+/// shut down (kept, when the test panics). A blocking task still running
 /// [`SHUTDOWN_LIMIT`] after the test ended fails the test: a plain drop of
 /// the runtime would wait for it forever, hanging the run instead.
-pub fn run_async<F, Fut>(flavor: Flavor, backend: Backend, name: &str, test: F)
+pub fn run_async<F, Fut>(flavor: Flavor, backend: Backend, test: F)
 where
     F: FnOnce(TestDb) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let db = TestDb::new(backend, name);
+    let db = TestDb::new(backend);
     let runtime = runtime(flavor);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         runtime.block_on(test(db.clone()))
@@ -208,40 +209,50 @@ where
     }
 }
 
-/// A database private to one test. Clones share it; the last one dropped
-/// drops the database (and the SQLite file's directory).
+/// A database private to one test: a [`TestDatabase`]. Clones share it;
+/// the last one dropped drops the database (and the SQLite file's
+/// directory), or keeps it if the test is failing.
 #[derive(Clone)]
 pub struct TestDb {
     pub backend: Backend,
     /// URL of the private database.
     pub url: String,
-    owned: Arc<Owned>,
+    database: Arc<TestDatabase<AnyConnection>>,
 }
 
-/// What the last [`TestDb`] clone removes.
-struct Owned {
-    backend: Backend,
-    admin_url: Option<String>,
-    name: String,
-    _dir: Option<tempfile::TempDir>,
+/// What `TestDatabase` is given for SQLite: any SQLite URL stands for "a
+/// fresh file in a temporary directory of its own" (the path is not used).
+const SQLITE_URL: &str = "sqlite://test.db";
+
+/// The migration set the test databases are made with: none.
+///
+/// `AnyConnection` could run Diesel migrations (`TestDatabase` would take
+/// `greenlet_orm::migrations::for_backend(backend)`), but the tests want
+/// an empty database: the program's schema step (`reset_schema`, its
+/// check-first `drop_all` / `create_all`, MySQL's staged renames) and the
+/// CLI's `migrate` commands are what they test, and they run them
+/// themselves, as before ([`migrate`]). So `TestDatabase` only creates
+/// the database: with no migration it leaves it empty, without even
+/// Diesel's `__diesel_schema_migrations` (which `migrations.rs` relies on:
+/// there another role than the server URL's runs the reset and creates it).
+struct NoMigrations;
+
+impl<DB: diesel::backend::Backend> MigrationSource<DB> for NoMigrations {
+    fn migrations(&self) -> diesel::migration::Result<Vec<Box<dyn Migration<DB>>>> {
+        Ok(Vec::new())
+    }
 }
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-fn unique_name(test: &str) -> String {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let clean: String = test
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .take(30)
-        .collect();
-    format!("rs_{clean}_{}_{n}", std::process::id())
+/// The options of the engine `TestDatabase` opens on the test database,
+/// which the tests do not use (each makes the engines it needs, with the
+/// options it needs): a lifetime so short that the one connection that
+/// engine opens is closed as soon as it is back in the pool, so no idle
+/// session of it sits on the test database (`reset_kill.rs` waits for the
+/// database to have no session but its own).
+fn unused_engine_options() -> EngineOptions {
+    EngineOptions::default()
+        .max_size(1)
+        .max_lifetime(Some(std::time::Duration::from_nanos(1)))
 }
 
 /// The server URL for `backend`'s tests: `PG_DATABASE_URL` /
@@ -267,68 +278,30 @@ pub fn server_url(backend: Backend) -> String {
         })
 }
 
-/// Replaces the database name (the path) of a server URL.
-fn with_database(url: &str, name: &str) -> String {
-    let (scheme, rest) = url.split_once("://").expect("a server URL has a scheme");
-    let (authority, query) = match rest.split_once('/') {
-        Some((authority, path)) => (authority, path.split_once('?').map(|(_, q)| q)),
-        None => (rest, None),
-    };
-    match query {
-        Some(q) => format!("{scheme}://{authority}/{name}?{q}"),
-        None => format!("{scheme}://{authority}/{name}"),
-    }
-}
-
 impl TestDb {
-    /// A fresh database of `backend` for the test `test`: a SQLite file in
-    /// its own temporary directory, or a database created on the server
-    /// [`server_url`] names. Blocking: call it outside the runtime (as
-    /// [`per_backend!`] does).
-    pub fn new(backend: Backend, test: &str) -> TestDb {
-        match backend {
-            Backend::Sqlite => TestDb::sqlite(test),
-            Backend::Postgres | Backend::Mysql => TestDb::server(backend, test),
-        }
-    }
-
-    /// A fresh SQLite file in its own temporary directory.
-    pub fn sqlite(test: &str) -> TestDb {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let url = dir
-            .path()
-            .join(format!("{}.db", unique_name(test)))
-            .display()
-            .to_string();
-        TestDb {
-            backend: Backend::Sqlite,
-            url,
-            owned: Arc::new(Owned {
-                backend: Backend::Sqlite,
-                admin_url: None,
-                name: String::new(),
-                _dir: Some(dir),
-            }),
-        }
-    }
-
-    fn server(backend: Backend, test: &str) -> TestDb {
-        let admin_url = server_url(backend);
-        let name = unique_name(test);
-        let mut admin = AnyConnection::establish(&admin_url)
-            .unwrap_or_else(|e| panic!("cannot connect to the {backend} server: {e}"));
-        diesel::sql_query(format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
+    /// A fresh database of `backend`: a SQLite file in its own temporary
+    /// directory, or a database created on the server [`server_url`]
+    /// names. Blocking (it runs `TestDatabase`'s async set-up on a runtime
+    /// of its own, on a thread of its own): call it outside the test's
+    /// runtime (as [`per_backend!`] does).
+    pub fn new(backend: Backend) -> TestDb {
+        let server = match backend {
+            Backend::Sqlite => SQLITE_URL.to_owned(),
+            Backend::Postgres | Backend::Mysql => server_url(backend),
+        };
+        let database = std::thread::spawn(move || {
+            runtime(Flavor::CurrentThread).block_on(TestDatabase::<AnyConnection>::on_with_options(
+                &server,
+                NoMigrations,
+                unused_engine_options(),
+            ))
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         TestDb {
             backend,
-            url: with_database(&admin_url, &name),
-            owned: Arc::new(Owned {
-                backend,
-                admin_url: Some(admin_url),
-                name,
-                _dir: None,
-            }),
+            url: database.url().to_owned(),
+            database: Arc::new(database),
         }
     }
 
@@ -390,21 +363,6 @@ impl TestDb {
     pub async fn partial_units(&self, children_per_parent: i64) -> i64 {
         let db = self.clone();
         blocking(move || partial_units(&db, children_per_parent)).await
-    }
-}
-
-impl Drop for Owned {
-    fn drop(&mut self) {
-        let Some(admin_url) = &self.admin_url else {
-            return;
-        };
-        let drop_sql = match self.backend {
-            Backend::Postgres => format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-            _ => format!("DROP DATABASE IF EXISTS {}", self.name),
-        };
-        if let Ok(mut admin) = AnyConnection::establish(admin_url) {
-            let _ = diesel::sql_query(drop_sql).execute(&mut admin);
-        }
     }
 }
 

@@ -3,9 +3,11 @@
 //! Each test is one generic function, `async fn name<C: TestBackend>(db:
 //! TestDb<C>)`, and [`per_backend!`] turns it into a module of three tests,
 //! `name::sqlite`, `name::postgres` and `name::mysql`, each over a database
-//! of its own (a temporary SQLite file, or `CREATE DATABASE rs_<test>_<pid>_<n>`
-//! on the server `PG_DATABASE_URL` / `MYSQL_DATABASE_URL` names), dropped
-//! when the test ends. So `cargo test postgres` runs the PostgreSQL tests.
+//! of its own, made by the library's own `diesel_runsync::testing::TestDatabase`
+//! (a SQLite file in a temporary directory, or a database `rst_<pid>_<n>` on
+//! the server `PG_DATABASE_URL` / `MYSQL_DATABASE_URL` names). It is
+//! dropped when the test passes, and kept, its name printed, when the test
+//! fails. So `cargo test postgres` runs the PostgreSQL tests.
 //!
 //! A server test whose URL was unset when the tests were built shows as
 //! *ignored* (the `runsync_skip_*` cfgs of `build.rs`), never as passed; with
@@ -24,12 +26,14 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::future::Future;
-use std::marker::PhantomData;
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
+use diesel::migration::{Migration, MigrationSource};
 use diesel::result::QueryResult;
+use diesel_migrations::MigrationHarness;
+use diesel_runsync::testing::TestDatabase;
 use diesel_runsync::{AsyncSession, DatabaseUrl, Engine, EngineOptions, Error, PoolableConnection};
 
 /// What the tests need to know and do per backend.
@@ -67,11 +71,6 @@ pub trait TestBackend: PoolableConnection + Sized {
 
     /// Transactions open on this database in connections other than this one.
     fn open_transactions_now(&mut self) -> QueryResult<i64>;
-
-    /// Drops database `name` from the admin connection `admin`.
-    fn drop_database(admin: &mut Self, name: &str) -> QueryResult<()> {
-        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
-    }
 }
 
 /// A row with one `BIGINT` column `n`.
@@ -183,10 +182,6 @@ impl TestBackend for diesel::PgConnection {
              AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()",
         )
     }
-
-    fn drop_database(admin: &mut Self, name: &str) -> QueryResult<()> {
-        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    }
 }
 
 #[cfg(feature = "mysql")]
@@ -222,56 +217,6 @@ impl TestBackend for diesel::MysqlConnection {
              WHERE p.db = DATABASE() AND p.id <> CONNECTION_ID()",
         )
     }
-
-    /// Ends the connections still on the database first: `DROP DATABASE`
-    /// would wait (a day, by default) for a transaction one of them holds.
-    fn drop_database(admin: &mut Self, name: &str) -> QueryResult<()> {
-        let others = admin.scalars(&format!(
-            "SELECT CAST(id AS SIGNED) AS n FROM information_schema.processlist \
-             WHERE db = '{name}' AND id <> CONNECTION_ID()"
-        ))?;
-        for id in others {
-            let _ = admin.batch_execute(&format!("KILL {id}"));
-        }
-        admin.batch_execute(&format!(
-            "SET SESSION lock_wait_timeout = 30; DROP DATABASE IF EXISTS {name}"
-        ))
-    }
-}
-
-static DATABASES: AtomicUsize = AtomicUsize::new(0);
-
-/// `rs_<test>_<pid>_<n>`: unique in this process and among parallel runs.
-fn unique_name(test: &str) -> String {
-    let n = DATABASES.fetch_add(1, Ordering::Relaxed);
-    let clean: String = test
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .take(30)
-        .collect();
-    format!("rs_{clean}_{}_{n}", std::process::id())
-}
-
-/// Replaces the database name (the path) of a server URL, keeping its query.
-fn with_database(url: &str, name: &str) -> String {
-    let (scheme, rest) = url.split_once("://").expect("a server URL has a scheme");
-    let (authority, query) = match rest.split_once('/') {
-        Some((authority, path)) => (authority, path.split_once('?').map(|(_, q)| q)),
-        None => match rest.split_once('?') {
-            Some((authority, q)) => (authority, Some(q)),
-            None => (rest, None),
-        },
-    };
-    match query {
-        Some(q) => format!("{scheme}://{authority}/{name}?{q}"),
-        None => format!("{scheme}://{authority}/{name}"),
-    }
 }
 
 /// A plain synchronous connection to `url`, set up as the engine sets up
@@ -281,45 +226,41 @@ fn connect_blocking<C: TestBackend>(url: &str) -> C {
     C::connect(&parsed).unwrap_or_else(|e| panic!("{}: a direct connection: {e}", C::NAME))
 }
 
-/// A database private to one test, of backend `C`.
+/// What `TestDatabase` is given for SQLite: any SQLite URL stands for "a
+/// fresh file in a temporary directory of its own" (the path is not used).
+const SQLITE_URL: &str = "sqlite://test.db";
+
+/// The empty migration set the test databases are made with. The schema
+/// (`items`, `counter`) is not a migration: the tests create it when they
+/// want it ([`TestDb::engine`], [`TestDb::migrated_engine`],
+/// [`TestDb::create_schema`]), and some run on a database without it.
+/// With no migration, `TestDatabase` leaves the database empty.
+struct NoMigrations;
+
+impl<DB: diesel::backend::Backend> MigrationSource<DB> for NoMigrations {
+    fn migrations(&self) -> diesel::migration::Result<Vec<Box<dyn Migration<DB>>>> {
+        Ok(Vec::new())
+    }
+}
+
+/// The options of the engine `TestDatabase` opens on the test database,
+/// which the tests do not use (each makes the engines it needs, with the
+/// options it needs): a lifetime so short that the one connection that
+/// engine opens is closed as soon as it is back in the pool, so no idle
+/// session of it sits on the test database for the tests to see.
+fn unused_engine_options() -> EngineOptions {
+    EngineOptions::default()
+        .max_size(1)
+        .max_lifetime(Some(Duration::from_nanos(1)))
+}
+
+/// A database private to one test, of backend `C`: a
+/// [`TestDatabase`], dropped with it when the test passes, kept (and
+/// named) when it fails.
 pub struct TestDb<C: TestBackend> {
     /// URL of the private database.
     pub url: String,
-    _dir: Option<tempfile::TempDir>,
-    _backend: PhantomData<fn() -> C>,
-}
-
-/// Drops a server test database: awaited at the end of a test, or, if the
-/// test panicked first, in its own `Drop`.
-struct Cleanup<C: TestBackend> {
-    server: Option<(String, String)>,
-    _backend: PhantomData<fn() -> C>,
-}
-
-impl<C: TestBackend> Cleanup<C> {
-    fn drop_now(&mut self) {
-        let Some((admin_url, name)) = self.server.take() else {
-            return;
-        };
-        match C::establish(&admin_url) {
-            Ok(mut admin) => {
-                if let Err(e) = C::drop_database(&mut admin, &name) {
-                    eprintln!("{}: could not drop test database {name}: {e}", C::NAME);
-                }
-            }
-            Err(e) => eprintln!("{}: could not drop test database {name}: {e}", C::NAME),
-        }
-    }
-
-    async fn run(mut self) {
-        joined(tokio::task::spawn_blocking(move || self.drop_now()).await);
-    }
-}
-
-impl<C: TestBackend> Drop for Cleanup<C> {
-    fn drop(&mut self) {
-        self.drop_now();
-    }
+    database: TestDatabase<C>,
 }
 
 /// A blocking helper's result; its panic, if it panicked, goes on as the
@@ -332,53 +273,32 @@ fn joined<T>(result: Result<T, tokio::task::JoinError>) -> T {
     }
 }
 
-/// Runs one backend's instance of a test: creates its database, runs
-/// `body`, drops the database. What [`per_backend!`] expands to.
-pub async fn run<C, F, Fut>(test: &'static str, body: F)
+/// Runs one backend's instance of a test: creates its database and runs
+/// `body`, which owns it (and so drops it as it ends, or keeps it if it
+/// panics). What [`per_backend!`] expands to.
+pub async fn run<C, F, Fut>(body: F)
 where
-    C: TestBackend,
+    C: TestBackend + MigrationHarness<C::Backend>,
     F: FnOnce(TestDb<C>) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let (db, cleanup) =
-        joined(tokio::task::spawn_blocking(move || TestDb::<C>::create(test)).await);
-    body(db).await;
-    cleanup.run().await;
+    body(TestDb::<C>::create().await).await;
 }
 
 impl<C: TestBackend> TestDb<C> {
-    /// Blocking: a fresh SQLite file, or a fresh database on the server.
-    fn create(test: &str) -> (TestDb<C>, Cleanup<C>) {
-        let name = unique_name(test);
-        let Some(admin_url) = C::server_url() else {
-            let dir = tempfile::tempdir().expect("a temporary directory");
-            let url = dir.path().join(format!("{name}.db")).display().to_string();
-            let db = TestDb {
-                url,
-                _dir: Some(dir),
-                _backend: PhantomData,
-            };
-            let cleanup = Cleanup {
-                server: None,
-                _backend: PhantomData,
-            };
-            return (db, cleanup);
-        };
-        let mut admin = C::establish(&admin_url)
-            .unwrap_or_else(|e| panic!("{}: cannot connect to the server: {e}", C::NAME));
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .unwrap_or_else(|e| panic!("{}: cannot create test database {name}: {e}", C::NAME));
-        let db = TestDb {
-            url: with_database(&admin_url, &name),
-            _dir: None,
-            _backend: PhantomData,
-        };
-        let cleanup = Cleanup {
-            server: Some((admin_url, name)),
-            _backend: PhantomData,
-        };
-        (db, cleanup)
+    /// A fresh SQLite file, or a fresh database on the server.
+    async fn create() -> TestDb<C>
+    where
+        C: MigrationHarness<C::Backend>,
+    {
+        let server = C::server_url().unwrap_or_else(|| SQLITE_URL.to_owned());
+        let database =
+            TestDatabase::<C>::on_with_options(&server, NoMigrations, unused_engine_options())
+                .await;
+        TestDb {
+            url: database.url().to_owned(),
+            database,
+        }
     }
 
     /// The backend's name, for assertion messages.
@@ -654,8 +574,7 @@ macro_rules! per_backend {
         #[cfg_attr(not(feature = "sqlite"), ignore = "built without the sqlite feature")]
         async fn sqlite() {
             #[cfg(feature = "sqlite")]
-            $crate::common::run(stringify!($test), super::$test::<diesel::SqliteConnection>)
-                .await;
+            $crate::common::run(super::$test::<diesel::SqliteConnection>).await;
         }
     };
     (@postgres $test:ident, [$($runtime:tt)*]) => {
@@ -667,8 +586,7 @@ macro_rules! per_backend {
         )]
         async fn postgres() {
             #[cfg(feature = "postgres")]
-            $crate::common::run(stringify!($test), super::$test::<diesel::PgConnection>)
-                .await;
+            $crate::common::run(super::$test::<diesel::PgConnection>).await;
         }
     };
     (@mysql $test:ident, [$($runtime:tt)*]) => {
@@ -680,8 +598,7 @@ macro_rules! per_backend {
         )]
         async fn mysql() {
             #[cfg(feature = "mysql")]
-            $crate::common::run(stringify!($test), super::$test::<diesel::MysqlConnection>)
-                .await;
+            $crate::common::run(super::$test::<diesel::MysqlConnection>).await;
         }
     };
 }
