@@ -17,6 +17,8 @@ import json
 import sys
 
 SUPPORTED_FORMATS = {57}
+# Item id -> its path (rustdoc's "paths"), for paths the JSON leaves empty.
+PATHS = {}
 
 
 def main():
@@ -24,6 +26,7 @@ def main():
     if doc["format_version"] not in SUPPORTED_FORMATS:
         sys.exit(f"rustdoc JSON format {doc['format_version']} is not one this script knows "
                  f"({sorted(SUPPORTED_FORMATS)}): update .ci/public-api.py")
+    PATHS.update(doc["paths"])
     api = Api(doc)
     root = doc["index"][str(doc["root"])]
     api.module(root, root["name"])
@@ -215,7 +218,10 @@ def bound(b):
 
 
 def path_ty(p):
-    return p["path"] + generic_args(p.get("args"))
+    path = p["path"]
+    if not path and str(p.get("id")) in PATHS:
+        path = PATHS[str(p["id"])]["path"][-1]
+    return path + generic_args(p.get("args"))
 
 
 def generic_args(args):
