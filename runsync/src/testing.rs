@@ -72,6 +72,20 @@ pub const URL_VARIABLES: [&str; 2] = ["TEST_DATABASE_URL", "DATABASE_URL"];
 /// The prefix of every database this module creates.
 const PREFIX: &str = "rst_";
 
+/// No migrations: given to [`TestDatabase`], the database is created and
+/// left empty (without Diesel's `__diesel_schema_migrations` either), for
+/// tests that make their schema themselves or test the code that does.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoMigrations;
+
+impl<DB: diesel::backend::Backend> MigrationSource<DB> for NoMigrations {
+    fn migrations(
+        &self,
+    ) -> diesel::migration::Result<Vec<Box<dyn diesel::migration::Migration<DB>>>> {
+        Ok(Vec::new())
+    }
+}
+
 /// A database of its own for one test, with the migrations applied and an
 /// engine on it; dropped with it unless the test failed. See the
 /// [module docs](self).

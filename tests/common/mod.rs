@@ -27,9 +27,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use diesel::connection::SimpleConnection;
-use diesel::migration::{Migration, MigrationSource};
 use diesel::prelude::*;
-use diesel_runsync::testing::TestDatabase;
+use diesel_runsync::testing::{NoMigrations, TestDatabase};
 use diesel_runsync::{Backend, Engine, EngineOptions};
 use greenlet_orm::queries::insert_families;
 use greenlet_orm::schema::b;
@@ -224,24 +223,17 @@ pub struct TestDb {
 /// fresh file in a temporary directory of its own" (the path is not used).
 const SQLITE_URL: &str = "sqlite://test.db";
 
-/// The migration set the test databases are made with: none.
-///
-/// `AnyConnection` could run Diesel migrations (`TestDatabase` would take
-/// `greenlet_orm::migrations::for_backend(backend)`), but the tests want
-/// an empty database: the program's schema step (`reset_schema`, its
-/// check-first `drop_all` / `create_all`, MySQL's staged renames) and the
-/// CLI's `migrate` commands are what they test, and they run them
-/// themselves, as before ([`migrate`]). So `TestDatabase` only creates
-/// the database: with no migration it leaves it empty, without even
-/// Diesel's `__diesel_schema_migrations` (which `migrations.rs` relies on:
-/// there another role than the server URL's runs the reset and creates it).
-struct NoMigrations;
-
-impl<DB: diesel::backend::Backend> MigrationSource<DB> for NoMigrations {
-    fn migrations(&self) -> diesel::migration::Result<Vec<Box<dyn Migration<DB>>>> {
-        Ok(Vec::new())
-    }
-}
+// The test databases are made with `NoMigrations`.
+//
+// `AnyConnection` could run Diesel migrations (`TestDatabase` would take
+// `greenlet_orm::migrations::for_backend(backend)`), but the tests want
+// an empty database: the program's schema step (`reset_schema`, its
+// check-first `drop_all` / `create_all`, MySQL's staged renames) and the
+// CLI's `migrate` commands are what they test, and they run them
+// themselves, as before ([`migrate`]). So `TestDatabase` only creates
+// the database: with no migration it leaves it empty, without even
+// Diesel's `__diesel_schema_migrations` (which `migrations.rs` relies on:
+// there another role than the server URL's runs the reset and creates it).
 
 /// The options of the engine `TestDatabase` opens on the test database,
 /// which the tests do not use (each makes the engines it needs, with the

@@ -30,10 +30,9 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
-use diesel::migration::{Migration, MigrationSource};
 use diesel::result::QueryResult;
 use diesel_migrations::MigrationHarness;
-use diesel_runsync::testing::TestDatabase;
+use diesel_runsync::testing::{NoMigrations, TestDatabase};
 use diesel_runsync::{AsyncSession, DatabaseUrl, Engine, EngineOptions, Error, PoolableConnection};
 
 /// What the tests need to know and do per backend.
@@ -230,18 +229,11 @@ fn connect_blocking<C: TestBackend>(url: &str) -> C {
 /// fresh file in a temporary directory of its own" (the path is not used).
 const SQLITE_URL: &str = "sqlite://test.db";
 
-/// The empty migration set the test databases are made with. The schema
-/// (`items`, `counter`) is not a migration: the tests create it when they
-/// want it ([`TestDb::engine`], [`TestDb::migrated_engine`],
-/// [`TestDb::create_schema`]), and some run on a database without it.
-/// With no migration, `TestDatabase` leaves the database empty.
-struct NoMigrations;
-
-impl<DB: diesel::backend::Backend> MigrationSource<DB> for NoMigrations {
-    fn migrations(&self) -> diesel::migration::Result<Vec<Box<dyn Migration<DB>>>> {
-        Ok(Vec::new())
-    }
-}
+// The test databases are made with `NoMigrations`. The schema
+// (`items`, `counter`) is not a migration: the tests create it when they
+// want it ([`TestDb::engine`], [`TestDb::migrated_engine`],
+// [`TestDb::create_schema`]), and some run on a database without it.
+// With no migration, `TestDatabase` leaves the database empty.
 
 /// The options of the engine `TestDatabase` opens on the test database,
 /// which the tests do not use (each makes the engines it needs, with the
