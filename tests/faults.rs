@@ -19,6 +19,7 @@ use diesel::sql_types::{BigInt, Integer};
 use diesel_runsync::{Backend, EngineOptions, Error, RetryPolicy};
 use greenlet_orm::schema::a;
 use greenlet_orm::{AnyConnection, DemoError, NewA};
+use runsync_testkit::chaos::{next_random, poll_at_most};
 
 fn rounds(default: usize) -> usize {
     std::env::var("RUNSYNC_FAULT_ROUNDS")
@@ -54,14 +55,6 @@ async fn aftermath(db: &TestDb, engine: &diesel_runsync::Engine<AnyConnection>) 
     }
 }
 
-/// A xorshift step: pseudo-random numbers without a dependency.
-fn next(seed: &mut u64) -> u64 {
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    *seed
-}
-
 per_backend!(
     panics_at_random_points_lose_nothing_and_poison_nothing,
     multi_thread
@@ -72,7 +65,7 @@ async fn panics_at_random_points_lose_nothing_and_poison_nothing(db: TestDb) {
     let mut seed = 0x2545_f491_4f6c_dd1d;
     let (mut panics, mut committed) = (0, 0);
     for _ in 0..n {
-        let point = next(&mut seed) % 4; // 0: before, 1: between, 2: after children, 3: none
+        let point = next_random(&mut seed) % 4; // 0: before, 1: between, 2: after children, 3: none
         let mut session = engine.session();
         let result = session
             .run_sync(move |c| {
@@ -161,24 +154,6 @@ async fn staged_unit(
     Ok(())
 }
 
-/// Polls `future` at most `polls` times, yielding to the runtime between
-/// polls, then drops it if it has not finished: a cancellation at whatever
-/// await it had reached. Returns its output, if any, and the polls made.
-async fn poll_at_most<F: std::future::Future>(future: F, polls: u64) -> (Option<F::Output>, u64) {
-    let mut future = std::pin::pin!(future);
-    let mut made = 0;
-    while made < polls {
-        made += 1;
-        let poll =
-            std::future::poll_fn(|cx| std::task::Poll::Ready(future.as_mut().poll(cx))).await;
-        if let std::task::Poll::Ready(output) = poll {
-            return (Some(output), made);
-        }
-        tokio::task::yield_now().await;
-    }
-    (None, made)
-}
-
 per_backend!(
     futures_dropped_at_random_awaits_leave_no_trace,
     multi_thread
@@ -203,7 +178,7 @@ async fn futures_dropped_at_random_awaits_leave_no_trace(db: TestDb) {
     let mut at = [0usize; STAGES.len()];
     while dropped < n && attempts < 20 * n {
         attempts += 1;
-        let polls = 1 + next(&mut seed) % span;
+        let polls = 1 + next_random(&mut seed) % span;
         // A stage of its own: a dropped unit's blocking task may still run.
         let stage = Arc::new(AtomicU32::new(0));
         match poll_at_most(staged_unit(&engine, &stage), polls).await.0 {

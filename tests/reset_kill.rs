@@ -40,6 +40,7 @@ use diesel::sql_types::Text;
 use diesel_runsync::Backend;
 use greenlet_orm::AnyConnection;
 use greenlet_orm::queries::all_rows;
+use runsync_testkit::chaos::next_random;
 
 /// The schema's one migration.
 const VERSION: &str = "20240101000000";
@@ -56,14 +57,6 @@ fn rounds(default: usize) -> usize {
 
 fn figure(line: String) {
     let _ = writeln!(std::io::stderr(), "FIGURE {line}");
-}
-
-/// A xorshift step: pseudo-random numbers without a dependency.
-fn next(seed: &mut u64) -> u64 {
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    *seed
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -410,7 +403,7 @@ impl<'a> Killer<'a> {
         self.rounds += 1;
         let delay = self
             .span
-            .mul_f64((next(&mut self.seed) % 1_000_001) as f64 / 1_000_000.0);
+            .mul_f64((next_random(&mut self.seed) % 1_000_001) as f64 / 1_000_000.0);
         let mut child = start(&self.db.url, self.dir.path(), Some(&self.echo_file));
         std::thread::sleep(delay);
         let at = if child.try_wait().unwrap().is_some() {

@@ -7,6 +7,8 @@
 //! - [`pgha`]: a throwaway pg_auto_failover formation on loopback (monitor,
 //!   PostgreSQL 15 primary and synchronous hot standby) with switchover,
 //!   kill, freeze and read-only switches (`tests/pg_fixtures.rs`).
+//! - [`chaos`]: reproducible pseudo-random numbers and a future dropped
+//!   after a chosen number of polls, for the fault suites.
 //! - [`pgbouncer`]: a throwaway PgBouncer 1.18 in transaction pooling mode
 //!   in front of one server, retargetable.
 //!
@@ -15,6 +17,7 @@
 //! and `psql` command-line clients, so depending on it costs a default
 //! build (no `mysql` or `postgres` feature) nothing.
 
+pub mod chaos;
 pub mod galera;
 pub mod pgbouncer;
 pub mod pgha;

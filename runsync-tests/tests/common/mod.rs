@@ -34,6 +34,9 @@ use diesel::result::QueryResult;
 use diesel_migrations::MigrationHarness;
 use diesel_runsync::testing::{NoMigrations, TestDatabase};
 use diesel_runsync::{AsyncSession, DatabaseUrl, Engine, EngineOptions, Error, PoolableConnection};
+// Not every test binary uses them.
+#[allow(unused_imports)]
+pub use runsync_testkit::chaos::{next_random, poll_at_most};
 
 /// What the tests need to know and do per backend.
 pub trait TestBackend: PoolableConnection + Sized {
@@ -509,32 +512,6 @@ pub async fn settle<C: TestBackend>(engine: &Engine<C>) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("{}: pool did not settle: {:?}", C::NAME, engine.status());
-}
-
-/// Polls `future` at most `polls` times, yielding to the runtime between
-/// polls, then drops it if it has not finished: a cancellation at whatever
-/// await it had reached. Returns its output, if any, and the polls made.
-pub async fn poll_at_most<F: Future>(future: F, polls: u64) -> (Option<F::Output>, u64) {
-    let mut future = std::pin::pin!(future);
-    let mut made = 0;
-    while made < polls {
-        made += 1;
-        let poll =
-            std::future::poll_fn(|cx| std::task::Poll::Ready(future.as_mut().poll(cx))).await;
-        if let std::task::Poll::Ready(output) = poll {
-            return (Some(output), made);
-        }
-        tokio::task::yield_now().await;
-    }
-    (None, made)
-}
-
-/// A xorshift step: reproducible pseudo-random numbers.
-pub fn next_random(seed: &mut u64) -> u64 {
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    *seed
 }
 
 /// `per_backend!(name)` (current-thread runtime) or
