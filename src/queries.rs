@@ -1,5 +1,7 @@
-//! The synchronous core: plain `diesel::RunQueryDsl` over one
-//! [`AnyConnection`]. Nothing here knows of async, pools or the environment.
+//! The synchronous core: the program's statements ([`Statements`], plain
+//! `diesel::RunQueryDsl` on each backend's connection) and the seed's logic
+//! over them, for [`AnyConnection`] and for each native connection alike.
+//! Nothing here knows of async, pools or the environment.
 
 use std::io::Write;
 
@@ -7,7 +9,7 @@ use diesel::prelude::*;
 use diesel::query_dsl::methods::LoadQuery;
 #[cfg(feature = "mysql")]
 use diesel::sql_types::BigInt;
-use diesel_runsync::StreamingMode;
+use diesel_runsync::{StreamingMode, update_kept};
 
 use crate::connection::AnyConnection;
 use crate::connection::on_inner_connection;
@@ -50,8 +52,8 @@ pub struct Counts {
 /// Inserts `families`: each batch of parents in one statement, then their
 /// children, carrying the parents' new ids, in one statement per
 /// [`CHILD_BATCH`]. Returns the parents' ids in the order given.
-pub fn insert_families(
-    conn: &mut AnyConnection,
+pub fn insert_families<C: Statements>(
+    conn: &mut C,
     families: &[Family],
 ) -> Result<Vec<i32>, DemoError> {
     let mut all_ids = Vec::with_capacity(families.len());
@@ -62,7 +64,7 @@ pub fn insert_families(
                 data: f.data.as_deref(),
             })
             .collect();
-        let ids = insert_parents(conn, &parents)?;
+        let ids = conn.insert_parents(&parents)?;
         let children: Vec<NewB<'_>> = chunk
             .iter()
             .zip(&ids)
@@ -74,35 +76,184 @@ pub fn insert_families(
             })
             .collect();
         for batch in children.chunks(CHILD_BATCH) {
-            on_inner_connection!(&mut *conn, |c| diesel::insert_into(b::table)
-                .values(batch)
-                .execute(c))?;
+            conn.insert_children(batch)?;
         }
         all_ids.extend(ids);
     }
     Ok(all_ids)
 }
 
-/// One multi-row `INSERT INTO a`; the new ids in the order of `rows`.
-fn insert_parents(conn: &mut AnyConnection, rows: &[NewA<'_>]) -> Result<Vec<i32>, DemoError> {
-    let mut ids: Vec<i32> = match conn {
-        #[cfg(feature = "postgres")]
-        AnyConnection::Postgresql(c) => diesel::insert_into(a::table)
-            .values(rows)
-            .returning(a::id)
-            .get_results(c)?,
-        AnyConnection::Sqlite(c) => diesel::insert_into(a::table)
-            .values(rows)
-            .returning(a::id)
-            .get_results(c)?,
-        #[cfg(feature = "mysql")]
-        AnyConnection::Mysql(c) => return mysql_insert_parents(c, rows),
-    };
-    // RETURNING does not promise row order, but one statement's ids grow
-    // with insertion order (SQLite: max(rowid)+1; PostgreSQL: one nextval per row).
-    ids.sort_unstable();
-    Ok(ids)
+/// The program's statements, one method each, on one connection type.
+///
+/// Written once, in `native_statements!` below, and compiled for each
+/// backend's own connection type (`SqliteConnection`, `PgConnection`,
+/// `MysqlConnection`): there Diesel keys its prepared-statement cache by the
+/// query's type and builds no SQL text per execution. [`AnyConnection`]
+/// implements it by picking its inner connection (one `match`) and running
+/// the same method there, so the program's statements cost what they cost
+/// on the native connection; run through the `MultiConnection` enum itself,
+/// Diesel would build each statement's SQL text again on every execution.
+/// The functions of this module ([`run_queries`], [`insert_families`], ...)
+/// are the logic over these statements, for any `C: Statements`.
+pub trait Statements {
+    /// One multi-row `INSERT INTO a`; the new ids in the order of `rows`.
+    fn insert_parents(&mut self, rows: &[NewA<'_>]) -> Result<Vec<i32>, DemoError>;
+    /// One multi-row `INSERT INTO b`; the rows inserted.
+    fn insert_children(&mut self, rows: &[NewB<'_>]) -> QueryResult<usize>;
+    /// Every row of `a`, in the order the database returns them.
+    fn parents(&mut self) -> QueryResult<Vec<A>>;
+    /// The `A` with id `id`.
+    fn parent(&mut self, id: i32) -> QueryResult<A>;
+    /// The `A` with the smallest id.
+    fn first_parent(&mut self) -> QueryResult<A>;
+    /// `parent`'s children (`belonging_to`).
+    fn children_of(&mut self, parent: &A) -> QueryResult<Vec<B>>;
+    /// The children of every parent in `parents`, in one `IN (...)` query.
+    fn children_of_all(&mut self, parents: &[A]) -> QueryResult<Vec<B>>;
+    /// Sets the data of the `A` with id `id` (kept prepared: [`update_kept`]).
+    fn set_data(&mut self, id: i32, data: &str) -> QueryResult<usize>;
+    /// Every row of `a` and `b`, ordered by id.
+    fn all_rows(&mut self) -> QueryResult<(Vec<A>, Vec<B>)>;
+    /// Row counts of `a` and `b`.
+    fn count_rows(&mut self) -> QueryResult<(i64, i64)>;
+    /// See [`for_each_family`].
+    fn for_each_family<F>(&mut self, each: F) -> Result<(), DemoError>
+    where
+        F: FnMut(A, Vec<B>) -> Result<(), DemoError>;
 }
+
+/// Implements [`Statements`] for the native connection `$conn`, with
+/// `$insert_parents` for the one statement whose SQL differs by backend.
+macro_rules! native_statements {
+    ($conn:ty, $insert_parents:path) => {
+        impl Statements for $conn {
+            fn insert_parents(&mut self, rows: &[NewA<'_>]) -> Result<Vec<i32>, DemoError> {
+                $insert_parents(self, rows)
+            }
+
+            fn insert_children(&mut self, rows: &[NewB<'_>]) -> QueryResult<usize> {
+                diesel::insert_into(b::table).values(rows).execute(self)
+            }
+
+            fn parents(&mut self) -> QueryResult<Vec<A>> {
+                a::table.select(A::as_select()).load(self)
+            }
+
+            fn parent(&mut self, id: i32) -> QueryResult<A> {
+                a::table.find(id).select(A::as_select()).first(self)
+            }
+
+            fn first_parent(&mut self) -> QueryResult<A> {
+                a::table.order(a::id).select(A::as_select()).first(self)
+            }
+
+            fn children_of(&mut self, parent: &A) -> QueryResult<Vec<B>> {
+                B::belonging_to(parent).select(B::as_select()).load(self)
+            }
+
+            fn children_of_all(&mut self, parents: &[A]) -> QueryResult<Vec<B>> {
+                B::belonging_to(parents).select(B::as_select()).load(self)
+            }
+
+            fn set_data(&mut self, id: i32, data: &str) -> QueryResult<usize> {
+                update_kept(a::table.find(id), a::data.eq(data)).execute(self)
+            }
+
+            fn all_rows(&mut self) -> QueryResult<(Vec<A>, Vec<B>)> {
+                let parents = a::table.order(a::id).select(A::as_select()).load(self)?;
+                let children = b::table.order(b::id).select(B::as_select()).load(self)?;
+                Ok((parents, children))
+            }
+
+            fn count_rows(&mut self) -> QueryResult<(i64, i64)> {
+                let parents = a::table.count().get_result(self)?;
+                let children = b::table.count().get_result(self)?;
+                Ok((parents, children))
+            }
+
+            fn for_each_family<F>(&mut self, each: F) -> Result<(), DemoError>
+            where
+                F: FnMut(A, Vec<B>) -> Result<(), DemoError>,
+            {
+                families_row_by_row(
+                    self,
+                    a::table
+                        .left_join(b::table)
+                        .select(((a::id, a::data), (b::id, b::a_id, b::data).nullable()))
+                        .order_by((a::id, b::id.nullable())),
+                    each,
+                )
+            }
+        }
+    };
+}
+
+native_statements!(SqliteConnection, sqlite_insert_parents);
+#[cfg(feature = "postgres")]
+native_statements!(PgConnection, pg_insert_parents);
+#[cfg(feature = "mysql")]
+native_statements!(MysqlConnection, mysql_insert_parents);
+
+/// Each method on the inner connection: one `match`, then the native code.
+impl Statements for AnyConnection {
+    fn insert_parents(&mut self, rows: &[NewA<'_>]) -> Result<Vec<i32>, DemoError> {
+        on_inner_connection!(self, |c| c.insert_parents(rows))
+    }
+    fn insert_children(&mut self, rows: &[NewB<'_>]) -> QueryResult<usize> {
+        on_inner_connection!(self, |c| c.insert_children(rows))
+    }
+    fn parents(&mut self) -> QueryResult<Vec<A>> {
+        on_inner_connection!(self, |c| c.parents())
+    }
+    fn parent(&mut self, id: i32) -> QueryResult<A> {
+        on_inner_connection!(self, |c| c.parent(id))
+    }
+    fn first_parent(&mut self) -> QueryResult<A> {
+        on_inner_connection!(self, |c| c.first_parent())
+    }
+    fn children_of(&mut self, parent: &A) -> QueryResult<Vec<B>> {
+        on_inner_connection!(self, |c| c.children_of(parent))
+    }
+    fn children_of_all(&mut self, parents: &[A]) -> QueryResult<Vec<B>> {
+        on_inner_connection!(self, |c| c.children_of_all(parents))
+    }
+    fn set_data(&mut self, id: i32, data: &str) -> QueryResult<usize> {
+        on_inner_connection!(self, |c| c.set_data(id, data))
+    }
+    fn all_rows(&mut self) -> QueryResult<(Vec<A>, Vec<B>)> {
+        on_inner_connection!(self, |c| c.all_rows())
+    }
+    fn count_rows(&mut self) -> QueryResult<(i64, i64)> {
+        on_inner_connection!(self, |c| c.count_rows())
+    }
+    fn for_each_family<F>(&mut self, each: F) -> Result<(), DemoError>
+    where
+        F: FnMut(A, Vec<B>) -> Result<(), DemoError>,
+    {
+        on_inner_connection!(self, |c| c.for_each_family(each))
+    }
+}
+
+/// PostgreSQL and SQLite: `$name`, one multi-row `INSERT ... RETURNING id`
+/// on `$conn`.
+macro_rules! insert_parents_returning {
+    ($name:ident, $conn:ty) => {
+        fn $name(conn: &mut $conn, rows: &[NewA<'_>]) -> Result<Vec<i32>, DemoError> {
+            let mut ids: Vec<i32> = diesel::insert_into(a::table)
+                .values(rows)
+                .returning(a::id)
+                .get_results(conn)?;
+            // RETURNING does not promise row order, but one statement's ids grow
+            // with insertion order (SQLite: max(rowid)+1; PostgreSQL: one nextval per row).
+            ids.sort_unstable();
+            Ok(ids)
+        }
+    };
+}
+
+insert_parents_returning!(sqlite_insert_parents, SqliteConnection);
+#[cfg(feature = "postgres")]
+insert_parents_returning!(pg_insert_parents, PgConnection);
 
 #[cfg(feature = "mysql")]
 #[derive(QueryableByName)]
@@ -188,15 +339,15 @@ fn mysql_insert_parents(
 /// The seed's `run_queries`: selects every `A` and, for each, loads its
 /// `B`s with one query (the lazy N+1 pattern), writing each to `out`; then
 /// sets the first `A`'s data (by id) to `"new data"`.
-pub fn run_queries(conn: &mut AnyConnection, out: &mut impl Write) -> Result<Counts, DemoError> {
-    let parents = a::table.select(A::as_select()).load(conn)?;
+pub fn run_queries<C: Statements>(conn: &mut C, out: &mut impl Write) -> Result<Counts, DemoError> {
+    let parents = conn.parents()?;
     let mut counts = Counts {
         parents: parents.len(),
         children: 0,
     };
     for parent in &parents {
         writeln!(out, "{parent}")?;
-        let children = B::belonging_to(parent).select(B::as_select()).load(conn)?;
+        let children = conn.children_of(parent)?;
         for child in &children {
             writeln!(out, "{child}")?;
         }
@@ -208,8 +359,8 @@ pub fn run_queries(conn: &mut AnyConnection, out: &mut impl Write) -> Result<Cou
 
 /// [`run_queries`] with the children loaded eagerly: parents, then all
 /// their children in one `IN (...)` query per [`EAGER_BATCH`] parents.
-pub fn run_queries_eager(
-    conn: &mut AnyConnection,
+pub fn run_queries_eager<C: Statements>(
+    conn: &mut C,
     out: &mut impl Write,
 ) -> Result<Counts, DemoError> {
     let families = load_families(conn)?;
@@ -227,14 +378,11 @@ pub fn run_queries_eager(
 }
 
 /// Every parent with its children, loaded with `belonging_to` + `grouped_by`.
-pub fn load_families(conn: &mut AnyConnection) -> QueryResult<Vec<(A, Vec<B>)>> {
-    let parents = a::table.select(A::as_select()).load(conn)?;
+pub fn load_families<C: Statements>(conn: &mut C) -> QueryResult<Vec<(A, Vec<B>)>> {
+    let parents = conn.parents()?;
     let mut families = Vec::with_capacity(parents.len());
     for chunk in parents.chunks(EAGER_BATCH) {
-        let children = B::belonging_to(chunk)
-            .select(B::as_select())
-            .load(conn)?
-            .grouped_by(chunk);
+        let children = conn.children_of_all(chunk)?.grouped_by(chunk);
         families.extend(chunk.iter().cloned().zip(children));
     }
     Ok(families)
@@ -247,21 +395,14 @@ pub fn load_families(conn: &mut AnyConnection) -> QueryResult<Vec<(A, Vec<B>)>> 
 /// as its last child has been read. Stops at the first error `each` returns.
 /// The producer of `AsyncSession::stream` for `run --stream` and the HTTP
 /// example's `GET /parents/stream`.
-pub fn for_each_family(
-    conn: &mut AnyConnection,
+pub fn for_each_family<C: Statements>(
+    conn: &mut C,
     each: impl FnMut(A, Vec<B>) -> Result<(), DemoError>,
 ) -> Result<(), DemoError> {
-    on_inner_connection!(conn, |c| families_row_by_row(
-        c,
-        a::table
-            .left_join(b::table)
-            .select(((a::id, a::data), (b::id, b::a_id, b::data).nullable()))
-            .order_by((a::id, b::id.nullable())),
-        each
-    ))
+    conn.for_each_family(each)
 }
 
-/// [`for_each_family`] on one inner connection, in its [`StreamingMode`].
+/// [`for_each_family`] on one native connection, in its [`StreamingMode`].
 fn families_row_by_row<C, Q>(
     conn: &mut C,
     query: Q,
@@ -291,22 +432,27 @@ where
 }
 
 /// Sets the data of the `A` with the smallest id.
-pub fn update_first(conn: &mut AnyConnection, data: &str) -> QueryResult<()> {
-    let first = a::table.order(a::id).select(A::as_select()).first(conn)?;
-    diesel::update(&first).set(a::data.eq(data)).execute(conn)?;
+pub fn update_first<C: Statements>(conn: &mut C, data: &str) -> QueryResult<()> {
+    let first = conn.first_parent()?;
+    conn.set_data(first.id, data)?;
+    Ok(())
+}
+
+/// A parent by key, its children, then its data set to `data`: the load
+/// figures' unit of work (`bench/WORKLOAD.md`), run inside the caller's transaction.
+pub fn touch_parent<C: Statements>(conn: &mut C, id: i32, data: &str) -> QueryResult<()> {
+    let parent = conn.parent(id)?;
+    let _children = conn.children_of(&parent)?;
+    conn.set_data(parent.id, data)?;
     Ok(())
 }
 
 /// Every row of `a` and `b`, ordered by id.
-pub fn all_rows(conn: &mut AnyConnection) -> QueryResult<(Vec<A>, Vec<B>)> {
-    let parents = a::table.order(a::id).select(A::as_select()).load(conn)?;
-    let children = b::table.order(b::id).select(B::as_select()).load(conn)?;
-    Ok((parents, children))
+pub fn all_rows<C: Statements>(conn: &mut C) -> QueryResult<(Vec<A>, Vec<B>)> {
+    conn.all_rows()
 }
 
 /// Row counts of `a` and `b`.
-pub fn count_rows(conn: &mut AnyConnection) -> QueryResult<(i64, i64)> {
-    let parents = a::table.count().get_result(conn)?;
-    let children = b::table.count().get_result(conn)?;
-    Ok((parents, children))
+pub fn count_rows<C: Statements>(conn: &mut C) -> QueryResult<(i64, i64)> {
+    conn.count_rows()
 }

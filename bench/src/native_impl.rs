@@ -10,31 +10,29 @@
 //!   (deadpool-diesel's `Manager`), each phase or unit handed to tokio's
 //!   blocking pool with `interact`, inside one transaction.
 //!
-//! The statements are the diesel-async peer's (`async_impl.rs`), written
-//! once per connection type by [`native_core!`], without `.await`: the
-//! schema phase runs the migration's SQL with `batch_execute` the way
-//! diesel's `MigrationHarness` does, the parents go in one multi-row INSERT
-//! per batch (`RETURNING id` on PostgreSQL and SQLite; on MySQL the batch
-//! and `LAST_INSERT_ID()`). Transactions begin with
+//! The statements and the phases' logic are the program's own
+//! (`greenlet_orm::queries`, whose `Statements` each native connection
+//! implements), so `facade` and `facade-native` run the same code and
+//! differ only in the connection type; the schema phase runs the
+//! migration's SQL with `batch_execute` the way diesel's `MigrationHarness`
+//! does (as the diesel-async peer). Transactions begin with
 //! `PoolableConnection::begin_outer_transaction` (`BEGIN IMMEDIATE` on
 //! SQLite, as the facade).
 
-use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use deadpool::managed::{Hook, HookError};
 use diesel::connection::SimpleConnection;
-use diesel::sql_types::BigInt;
 use diesel::{
-    BelongingToDsl, ExpressionMethods, GroupedBy, MysqlConnection, PgConnection, QueryDsl,
-    QueryResult, QueryableByName, RunQueryDsl, SelectableHelper, SqliteConnection,
+    ExpressionMethods, MysqlConnection, PgConnection, QueryDsl, QueryResult, RunQueryDsl,
+    SqliteConnection,
 };
 use diesel_runsync::{Backend, Engine, EngineOptions, PoolableConnection};
 use greenlet_orm::DemoError;
-use greenlet_orm::models::{A, B, Family, NewA, NewB};
-use greenlet_orm::queries::{CHILD_BATCH, EAGER_BATCH, PARENT_BATCH};
+use greenlet_orm::models::Family;
+use greenlet_orm::queries::{insert_families, run_queries, run_queries_eager, touch_parent};
 use greenlet_orm::schema::{a, b};
 
 use crate::async_impl::Migration;
@@ -79,44 +77,6 @@ impl<C> Clone for Core<C> {
 
 impl<C> Copy for Core<C> {}
 
-#[derive(QueryableByName)]
-struct BatchIds {
-    #[diesel(sql_type = BigInt)]
-    first_id: i64,
-    #[diesel(sql_type = BigInt)]
-    step: i64,
-}
-
-/// PostgreSQL and SQLite: one multi-row INSERT ... RETURNING id.
-macro_rules! parents_returning {
-    ($name:ident, $conn:ty) => {
-        fn $name(conn: &mut $conn, rows: &[NewA<'_>]) -> QueryResult<Vec<i32>> {
-            let mut ids: Vec<i32> = diesel::insert_into(a::table)
-                .values(rows)
-                .returning(a::id)
-                .get_results(conn)?;
-            ids.sort_unstable();
-            Ok(ids)
-        }
-    };
-}
-
-parents_returning!(parents_pg, PgConnection);
-parents_returning!(parents_sqlite, SqliteConnection);
-
-/// MySQL: the batch, then `LAST_INSERT_ID()` (as the diesel-async peer).
-fn parents_mysql(conn: &mut MysqlConnection, rows: &[NewA<'_>]) -> QueryResult<Vec<i32>> {
-    diesel::insert_into(a::table).values(rows).execute(conn)?;
-    let ids: BatchIds = diesel::sql_query(
-        "SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS first_id, \
-         CAST(@@auto_increment_increment AS SIGNED) AS step",
-    )
-    .get_result(conn)?;
-    Ok((0..rows.len() as i64)
-        .map(|i| (ids.first_id + i * ids.step) as i32)
-        .collect())
-}
-
 fn no_setup<C>(_conn: &mut C) -> QueryResult<()> {
     Ok(())
 }
@@ -139,7 +99,7 @@ fn check(cond: bool, message: impl FnOnce() -> String) -> Result<(), DemoError> 
 
 /// Writes the [`Core`] of one connection type as the constant `$core`.
 macro_rules! native_core {
-    ($core:ident, $conn:ty, $setup:path, $insert_parents:path) => {
+    ($core:ident, $conn:ty, $setup:path) => {
         /// W(N) and the load unit on this connection type.
         pub const $core: Core<$conn> = {
             type Conn = $conn;
@@ -165,81 +125,22 @@ macro_rules! native_core {
             }
 
             fn insert(conn: &mut Conn, families: &[Family]) -> Result<(), DemoError> {
-                for chunk in families.chunks(PARENT_BATCH) {
-                    let parents: Vec<NewA<'_>> = chunk
-                        .iter()
-                        .map(|f| NewA {
-                            data: f.data.as_deref(),
-                        })
-                        .collect();
-                    let ids = $insert_parents(conn, &parents)?;
-                    let children: Vec<NewB<'_>> = chunk
-                        .iter()
-                        .zip(&ids)
-                        .flat_map(|(family, &a_id)| {
-                            family.children.iter().map(move |data| NewB {
-                                a_id,
-                                data: data.as_deref(),
-                            })
-                        })
-                        .collect();
-                    for batch in children.chunks(CHILD_BATCH) {
-                        diesel::insert_into(b::table).values(batch).execute(conn)?;
-                    }
-                }
-                Ok(())
-            }
-
-            fn set_first(conn: &mut Conn) -> QueryResult<()> {
-                let first: A = a::table.order(a::id).select(A::as_select()).first(conn)?;
-                diesel::update(&first)
-                    .set(a::data.eq("new data"))
-                    .execute(conn)?;
-                Ok(())
+                insert_families(conn, families).map(drop)
             }
 
             fn lazy(conn: &mut Conn, n: usize) -> Result<(), DemoError> {
-                let mut out = std::io::sink();
-                let parents: Vec<A> = a::table.select(A::as_select()).load(conn)?;
-                let mut children_seen = 0;
-                for parent in &parents {
-                    writeln!(out, "{parent}")?;
-                    let children: Vec<B> =
-                        B::belonging_to(parent).select(B::as_select()).load(conn)?;
-                    for child in &children {
-                        writeln!(out, "{child}")?;
-                    }
-                    children_seen += children.len();
-                }
-                set_first(conn)?;
+                let counts = run_queries(conn, &mut std::io::sink())?;
                 check(
-                    parents.len() == n && children_seen == expected_children(n),
-                    || format!("lazy: counted {} / {children_seen}", parents.len()),
+                    counts.parents == n && counts.children == expected_children(n),
+                    || format!("lazy: counted {counts:?}"),
                 )
             }
 
             fn eager(conn: &mut Conn, n: usize) -> Result<(), DemoError> {
-                let mut out = std::io::sink();
-                let parents: Vec<A> = a::table.select(A::as_select()).load(conn)?;
-                let (mut parents_seen, mut children_seen) = (0, 0);
-                for chunk in parents.chunks(EAGER_BATCH) {
-                    let grouped = B::belonging_to(chunk)
-                        .select(B::as_select())
-                        .load(conn)?
-                        .grouped_by(chunk);
-                    for (parent, children) in chunk.iter().zip(&grouped) {
-                        writeln!(out, "{parent}")?;
-                        for child in children {
-                            writeln!(out, "{child}")?;
-                        }
-                        parents_seen += 1;
-                        children_seen += children.len();
-                    }
-                }
-                set_first(conn)?;
+                let counts = run_queries_eager(conn, &mut std::io::sink())?;
                 check(
-                    parents_seen == n && children_seen == expected_children(n),
-                    || format!("eager: counted {parents_seen} / {children_seen}"),
+                    counts.parents == n && counts.children == expected_children(n),
+                    || format!("eager: counted {counts:?}"),
                 )
             }
 
@@ -256,13 +157,7 @@ macro_rules! native_core {
             }
 
             fn unit(conn: &mut Conn, id: i32) -> QueryResult<()> {
-                let parent: A = a::table.find(id).select(A::as_select()).first(conn)?;
-                let _children: Vec<B> =
-                    B::belonging_to(&parent).select(B::as_select()).load(conn)?;
-                diesel::update(a::table.find(parent.id))
-                    .set(a::data.eq("c"))
-                    .execute(conn)?;
-                Ok(())
+                touch_parent(conn, id, "c")
             }
 
             Core {
@@ -278,9 +173,9 @@ macro_rules! native_core {
     };
 }
 
-native_core!(PG, PgConnection, no_setup, parents_pg);
-native_core!(MYSQL, MysqlConnection, no_setup, parents_mysql);
-native_core!(SQLITE, SqliteConnection, sqlite_setup, parents_sqlite);
+native_core!(PG, PgConnection, no_setup);
+native_core!(MYSQL, MysqlConnection, no_setup);
+native_core!(SQLITE, SqliteConnection, sqlite_setup);
 
 /// Which way the native connections are run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,10 +10,10 @@ use diesel::connection::{SimpleConnection, TransactionManager};
 use diesel::prelude::*;
 use diesel_runsync::{DatabaseUrl, Engine, EngineOptions, PoolableConnection};
 use greenlet_orm::migrations::{create_all, drop_all};
-use greenlet_orm::models::{A, B, Family};
+use greenlet_orm::models::{A, Family};
 use greenlet_orm::program::reset_schema;
 use greenlet_orm::queries::{
-    Counts, PARENT_BATCH, insert_families, run_queries, run_queries_eager,
+    Counts, PARENT_BATCH, Statements, insert_families, run_queries, run_queries_eager, touch_parent,
 };
 use greenlet_orm::schema::a;
 use greenlet_orm::{AnyConnection, DemoError};
@@ -242,16 +242,11 @@ pub fn prepare_rows(url: &str, n: usize) -> anyhow::Result<()> {
 
 /// One primary-key SELECT of `a`.
 pub fn select_by_key(conn: &mut AnyConnection, id: i32) -> QueryResult<A> {
-    a::table.find(id).select(A::as_select()).first(conn)
+    conn.parent(id)
 }
 
 /// The load figures' unit of work (inside the caller's transaction): a
 /// parent by key, its children, then UPDATE the parent.
 pub fn unit_of_work(conn: &mut AnyConnection, id: i32) -> QueryResult<()> {
-    let parent = select_by_key(conn, id)?;
-    let _children: Vec<B> = B::belonging_to(&parent).select(B::as_select()).load(conn)?;
-    diesel::update(a::table.find(parent.id))
-        .set(a::data.eq("c"))
-        .execute(conn)?;
-    Ok(())
+    touch_parent(conn, id, "c")
 }

@@ -158,13 +158,20 @@ impl SqlEcho {
                 ..
             } if self.depth > 0 => {
                 let depth = match (self.backend, e) {
-                    (Some(Backend::Postgres), _) => self.depth,
+                    // Only what the server refused: a statement that failed
+                    // on the client (its SQL could not be built, a value not
+                    // serialized, a row not deserialized) left the
+                    // transaction as it was.
+                    (Some(Backend::Postgres), diesel::result::Error::DatabaseError(..)) => {
+                        self.depth
+                    }
                     (Some(Backend::Mysql), e) if loses_mysql_transaction(e) => 1,
                     _ => return,
                 };
+                let failed = format!("{e} (in `{}`)", sql_text(query));
                 let mut lost = self.lost.lock().unwrap();
                 if lost.as_ref().is_none_or(|(at, _)| depth < *at) {
-                    *lost = Some((depth, format!("{e} (in `{query}`)")));
+                    *lost = Some((depth, failed));
                 }
             }
             _ => {}
@@ -236,7 +243,7 @@ impl SqlEcho {
                     return;
                 }
                 let ms = took.map_or(0.0, |t| t.as_secs_f64() * 1e3);
-                let shown = query.to_string();
+                let shown = sql_text(query);
                 let sql = without_binds(&shown);
                 // Bind values only when the `echo` option asked for them.
                 let shown = if self.echo { shown.as_str() } else { sql };
@@ -316,5 +323,18 @@ fn retires_mysql_connection(error: &diesel::result::Error) -> Option<RetireReaso
             }
         }
         _ => None,
+    }
+}
+
+/// A statement's SQL, as Diesel displays it, for a message: a statement
+/// whose SQL cannot be built (an empty changeset: Diesel's query display
+/// fails, and the statement fails with the reason) is named as such,
+/// rather than make `format!` panic inside the instrumentation.
+fn sql_text(query: &dyn std::fmt::Display) -> String {
+    use std::fmt::Write;
+    let mut text = String::new();
+    match write!(text, "{query}") {
+        Ok(()) => text,
+        Err(_) => "(a statement whose SQL could not be built)".to_owned(),
     }
 }

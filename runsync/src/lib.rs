@@ -94,6 +94,10 @@
 //!   (`pg_cancel_backend`, `KILL QUERY`, `sqlite3_interrupt`) when an
 //!   operation's future is dropped or its deadline passes; a closure that
 //!   will not stop has its connection terminated ([`TERMINATE_AFTER`]).
+//! - `prepared` — [`update_kept`] ([`KeptUpdate`]): Diesel's
+//!   `update(target).set(values)` kept in the connection's prepared-statement
+//!   cache, keyed by its SQL text, where Diesel prepares every `UPDATE`
+//!   anew on each execution.
 //! - `retry` — [`Engine::transaction_with_retry`], [`RetryPolicy`], [`Retried`].
 //! - `echo` — the engine's Diesel instrumentation on every connection:
 //!   statements to `tracing` on the target [`SQL_TARGET`], the failed
@@ -128,6 +132,7 @@ mod manager;
 #[cfg(feature = "mysql-single-round-trip")]
 mod mysql_tx;
 pub mod observe;
+mod prepared;
 mod replica;
 mod retry;
 mod session;
@@ -142,6 +147,7 @@ pub use engine::{Engine, EngineOptions, PoolStatus};
 pub use error::{Error, Retryable};
 pub use manager::{Access, MAX_CONNECT_BACKOFF, PoolableConnection, TimeoutScope, WritePosition};
 pub use observe::{PoolEvent, RetireReason, SPAN_TARGET};
+pub use prepared::{KeptUpdate, update_kept};
 pub use replica::{DEFAULT_MAX_WAIT, ReadOn, Replicated};
 pub use retry::{FAILOVER_MIN_DELAY, Retried, RetryPolicy};
 pub use session::stream::{RowSink, RowStream, STREAM_BUFFER_ROWS, StreamingMode};

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Client instructions per lazy statement (callgrind), the program's path
+# beside a library user's: `facade` (the program's `Engine<AnyConnection>`)
+# and `facade-native` (`Engine<PgConnection>` and the like) run the same
+# `greenlet_orm::queries::run_queries`; BENCHMARKS.md, "The program's
+# connection type".
+#
+#   bench/statements.sh [--backend sqlite|postgres|mysql]... [BINARY]
+#
+# BINARY is a release build of the bench (default: target/release/bench;
+# `cargo build --release -p runsync-bench`). The database URLs come from
+# PG_DATABASE_URL and MYSQL_DATABASE_URL as for the bench itself. Counted:
+# `run_queries` inclusive (the lazy phase: one SELECT of every parent, then
+# one SELECT of children per parent, the UPDATE), at N = 1,000 and 2,000
+# parents; the difference over 1,000 is one parent's statement, with its
+# writes to the sink. Instruction counts repeat from run to run whatever
+# else the machine does.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+bin="$root/target/release/bench"
+backends=()
+while (($#)); do
+  case "$1" in
+    --backend) backends+=("$2"); shift ;;
+    *) bin=$1 ;;
+  esac
+  shift
+done
+((${#backends[@]})) || backends=(sqlite postgres mysql)
+command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 2; }
+[[ -x $bin ]] || { echo "no $bin: cargo build --release -p runsync-bench" >&2; exit 2; }
+work=$(mktemp -d /tmp/rs-statements.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+
+# Instructions counted inside run_queries for one run of W(n).
+count() {
+  local backend=$1 impl=$2 n=$3
+  valgrind --tool=callgrind --toggle-collect='greenlet_orm::queries::run_queries' \
+    --callgrind-out-file="$work/cg.out" "$bin" --n "$n" --runs 1 --warmup 0 \
+    --backend "$backend" --impls "$impl" --no-floor \
+    --sqlite-path "$work/statements.db" >/dev/null 2>"$work/log" ||
+    { cat "$work/log" >&2; exit 1; }
+  sed -n 's/.*I *refs: *//p' "$work/log" | tr -d ,
+}
+
+for backend in "${backends[@]}"; do
+  declare -A per=()
+  for impl in facade facade-native; do
+    one=$(count "$backend" "$impl" 1000)
+    two=$(count "$backend" "$impl" 2000)
+    per[$impl]=$(((two - one) / 1000))
+  done
+  awk -v b="$backend" -v f="${per[facade]}" -v n="${per[facade-native]}" 'BEGIN {
+    printf "%s: instructions per lazy statement: facade (AnyConnection) %d, facade-native %d, ratio %.3f\n", b, f, n, f / n }'
+done
