@@ -332,7 +332,9 @@ fn bench_url(backend: &str) -> anyhow::Result<String> {
             .join("runsync-stream-bench.db")
             .display()
             .to_string()),
-        "postgres" => server("PG_DATABASE_URL"),
+        // Plaintext, as the diesel-async peer (tokio-postgres with `NoTls`)
+        // speaks: libpq would negotiate TLS with a server that has `ssl = on`.
+        "postgres" => server("PG_DATABASE_URL").map(|url| format!("{url}?sslmode=disable")),
         "mysql" => server("MYSQL_DATABASE_URL"),
         other => bail!("unknown backend {other}"),
     }

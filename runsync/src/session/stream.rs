@@ -17,12 +17,13 @@
 //! and not yet handed to the consumer. The first row goes at once (time to
 //! first row is not delayed by batching); after it, rows gather into
 //! batches of at most [`BATCH_ROWS`], sent when full or when their oldest
-//! row has waited [`FLUSH_AFTER`]; a consumer that finds the channel empty
-//! takes the rows gathered so far itself, and while it waits it looks again
-//! every [`FLUSH_AFTER`], so a row never waits longer than that for a
-//! producer stalled in the driver. Waking the consumer once per batch
-//! rather than once per row is what makes a stream as fast as `load()`
-//! (a cross-thread wake-up costs more than reading a row). No async worker
+//! row has waited [`FLUSH_AFTER`]; a consumer waiting on an empty channel
+//! takes the rows gathered so far itself every [`FLUSH_AFTER`], so a row
+//! never waits much longer than that for a producer stalled in the driver.
+//! Waking the consumer once per batch rather than once per row, and the
+//! producer gathering without the consumer contending for the batch, is
+//! what a stream's speed comes down to (a cross-thread wake-up costs more
+//! than reading a row; BENCHMARKS.md has the figures). No async worker
 //! thread ever blocks: the consumer side only polls the channel, a timer
 //! and the task's `JoinHandle`.
 //!
@@ -65,10 +66,10 @@ use crate::manager::{PoolableConnection, rollback_all};
 use crate::observe::{Fail, Op, OpObs, error_type, error_type_of};
 
 /// Most rows in one batch on the channel.
-const BATCH_ROWS: usize = 256;
+const BATCH_ROWS: usize = 4096;
 
 /// Batches the channel holds before the producer waits.
-const CHANNEL_BATCHES: usize = 2;
+const CHANNEL_BATCHES: usize = 1;
 
 /// Longest a gathered row waits for its batch to fill: the producer sends
 /// a batch this old with its next row, and a waiting consumer takes what
@@ -76,11 +77,18 @@ const CHANNEL_BATCHES: usize = 2;
 /// driver between rows).
 const FLUSH_AFTER: Duration = Duration::from_millis(2);
 
+/// The producer reads the clock (for [`FLUSH_AFTER`]) once per this many
+/// rows gathered, not per row.
+const CLOCK_EVERY: usize = 16;
+
 /// Most rows of a stream buffered at once between the producer and the
-/// consumer: the channel's batches, the batch being filled, and the batch
-/// the consumer is reading from. A consumer slower than the producer makes
-/// the producer wait once this many rows are in flight.
+/// consumer (12,288): the channel's batch, the batch being filled (or
+/// waiting for room), and the batch the consumer is reading from. A
+/// consumer slower than the producer makes the producer wait once this many
+/// rows are in flight.
 pub const STREAM_BUFFER_ROWS: usize = (CHANNEL_BATCHES + 2) * BATCH_ROWS;
+// The docs (here, docs/streaming.md, RELIABILITY.md) name the figure.
+const _: () = assert!(STREAM_BUFFER_ROWS == 12_288);
 
 /// The Diesel loading mode [`AsyncSession::stream_query`] uses for a
 /// connection type: the one that fetches rows as they are read, where the
@@ -173,11 +181,16 @@ impl<T> RowSink<T> {
             }
             pending.push(row);
             // The first row at once (time to first row); then full batches,
-            // or what has waited FLUSH_AFTER: one wake-up of the consumer
-            // per batch, not per row.
+            // or what has waited FLUSH_AFTER while the channel has room (the
+            // consumer has read everything before it; when it has not, it
+            // is behind, and the batch fills). The clock is read every
+            // CLOCK_EVERY rows; the consumer's tick takes rows a stalled
+            // producer holds. One wake-up of the consumer per batch, not per row.
             let due = pending.len() >= BATCH_ROWS
                 || self.first
-                || self.gathering_since.elapsed() >= FLUSH_AFTER;
+                || (pending.len() % CLOCK_EVERY == 0
+                    && self.tx.capacity() > 0
+                    && self.gathering_since.elapsed() >= FLUSH_AFTER);
             self.first = false;
             due.then(|| std::mem::take(&mut *pending))
         };
@@ -545,28 +558,15 @@ impl<C: PoolableConnection, T, E: From<Error>> RowStream<'_, C, T, E> {
                             self.phase = Phase::Joining;
                         }
                         Poll::Pending => {
-                            // The channel is empty: take the batch being
-                            // filled, rather than wait for it to fill. Only
-                            // if the channel is still empty under the lock:
-                            // a batch sent since is older than those rows
-                            // (the producer never gathers rows while a batch
-                            // it took is on its way). A batch in the channel
-                            // with `Pending` means tokio's coop budget is
-                            // spent (it has already scheduled a wake-up) or
-                            // the batch is still being written (the sender
-                            // wakes this task): wait, never spin.
-                            let mut pending = lock(&self.pending);
-                            if !self.rx.is_empty() {
-                                return Poll::Pending;
-                            }
-                            if !pending.is_empty() {
-                                self.batch = std::mem::take(&mut *pending).into_iter();
-                                continue;
-                            }
-                            drop(pending);
-                            // Nothing yet. Once rows flow, look again every
-                            // FLUSH_AFTER: rows gathered before the producer
-                            // stalled are not kept waiting for more.
+                            // The channel is empty. Before any batch, wait
+                            // (the producer sends its first row at once).
+                            // Then wait for the next batch, and at each tick
+                            // (every FLUSH_AFTER) take the rows gathered so
+                            // far: a producer stalled in the driver keeps no
+                            // row waiting longer than that. Not at once: a
+                            // consumer faster than its producer would take a
+                            // row or two at a time, contending for the lock
+                            // the producer gathers under, row after row.
                             if !self.started {
                                 return Poll::Pending;
                             }
@@ -578,6 +578,23 @@ impl<C: PoolableConnection, T, E: From<Error>> RowStream<'_, C, T, E> {
                             }
                             tick.as_mut()
                                 .reset(tokio::time::Instant::now() + FLUSH_AFTER);
+                            // Only if the channel is still empty under the
+                            // lock: a batch sent since is older than those
+                            // rows (the producer never gathers rows while a
+                            // batch it took is on its way). A batch in the
+                            // channel with `Pending` means tokio's coop
+                            // budget is spent (it has already scheduled a
+                            // wake-up) or the batch is still being written
+                            // (the sender wakes this task): wait, never spin.
+                            let mut pending = lock(&self.pending);
+                            if !self.rx.is_empty() {
+                                return Poll::Pending;
+                            }
+                            if !pending.is_empty() {
+                                self.batch = std::mem::take(&mut *pending).into_iter();
+                            }
+                            // Else loop: the channel and the reset tick
+                            // register this task's waker again.
                         }
                     }
                 }
