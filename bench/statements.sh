@@ -5,7 +5,7 @@
 # `greenlet_orm::queries::run_queries`; BENCHMARKS.md, "The program's
 # connection type".
 #
-#   bench/statements.sh [--backend sqlite|postgres|mysql]... [BINARY]
+#   bench/statements.sh [--backend sqlite|postgres|mysql]... [--native-fn F] [BINARY]
 #
 # BINARY is a release build of the bench (default: target/release/bench;
 # `cargo build --release -p runsync-bench`). The database URLs come from
@@ -14,14 +14,18 @@
 # one SELECT of children per parent, the UPDATE), at N = 1,000 and 2,000
 # parents; the difference over 1,000 is one parent's statement, with its
 # writes to the sink. Instruction counts repeat from run to run whatever
-# else the machine does.
+# else the machine does. A bench built before the program's statements were
+# shared (commit 1045cc5 and older) runs facade-native's lazy phase in its
+# own function: pass --native-fn 'bench::native_impl::*::lazy' for it.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bin="$root/target/release/bench"
 backends=()
+native_fn='greenlet_orm::queries::run_queries'
 while (($#)); do
   case "$1" in
     --backend) backends+=("$2"); shift ;;
+    --native-fn) native_fn=$2; shift ;;
     *) bin=$1 ;;
   esac
   shift
@@ -34,8 +38,9 @@ trap 'rm -rf "$work"' EXIT
 
 # Instructions counted inside run_queries for one run of W(n).
 count() {
-  local backend=$1 impl=$2 n=$3
-  valgrind --tool=callgrind --toggle-collect='greenlet_orm::queries::run_queries' \
+  local backend=$1 impl=$2 n=$3 fn='greenlet_orm::queries::run_queries'
+  [[ $impl == facade-native ]] && fn=$native_fn
+  valgrind --tool=callgrind --toggle-collect="$fn" \
     --callgrind-out-file="$work/cg.out" "$bin" --n "$n" --runs 1 --warmup 0 \
     --backend "$backend" --impls "$impl" --no-floor \
     --sqlite-path "$work/statements.db" >/dev/null 2>"$work/log" ||

@@ -188,7 +188,7 @@ impl<T> RowSink<T> {
             // producer holds. One wake-up of the consumer per batch, not per row.
             let due = pending.len() >= BATCH_ROWS
                 || self.first
-                || (pending.len() % CLOCK_EVERY == 0
+                || (pending.len().is_multiple_of(CLOCK_EVERY)
                     && self.tx.capacity() > 0
                     && self.gathering_since.elapsed() >= FLUSH_AFTER);
             self.first = false;
