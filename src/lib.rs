@@ -15,7 +15,10 @@
 //!   picked from the URL at run time.
 //! - [`migrations`] — the embedded migrations of each backend; the seed's
 //!   `drop_all` / `create_all`.
-//! - [`queries`] — the synchronous core: inserts, the lazy and eager reads, counts.
+//! - [`queries`] — the synchronous core: the program's statements
+//!   ([`queries::Statements`], written once for each backend's own connection,
+//!   reached from [`AnyConnection`] by one `match`), and over them the
+//!   inserts, the lazy and eager reads, the load unit, counts.
 //! - [`program`] — the seed's program on the async facade.
 //! - [`error`] — [`DemoError`].
 //!
