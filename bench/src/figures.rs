@@ -296,10 +296,11 @@ pub async fn facade_load<C: PoolableConnection>(
     rows: usize,
     clients: usize,
     duration: Duration,
-    pool_size: u32,
+    options: EngineOptions,
     unit: fn(&mut C, i32) -> diesel::QueryResult<()>,
 ) -> anyhow::Result<Load> {
-    let engine = Engine::<C>::connect(url, EngineOptions::default().max_size(pool_size)).await?;
+    let pool_size = options.max_size;
+    let engine = Engine::<C>::connect(url, options).await?;
     // Open the whole pool first, so connects are not measured: overlapping
     // sessions each need their own connection. (On SQLite their BEGIN
     // IMMEDIATEs queue behind each other, briefly.)
@@ -418,6 +419,45 @@ pub fn sync_unit<C: PoolableConnection>(
             Err(e)
         }
     }
+}
+
+/// Diagnostic (`--impls inline`): `clients` tokio tasks sharing `pool_size`
+/// raw connections (a stack behind a mutex, a semaphore to wait on), each
+/// unit run with `tokio::task::block_in_place` on the task's own worker
+/// thread: the unit without a hop to the blocking pool and back. No
+/// deadline, cancellation or panic containment: a measure of the hop, not
+/// a design.
+pub async fn inline_load(
+    url: &str,
+    rows: usize,
+    clients: usize,
+    duration: Duration,
+    pool_size: u32,
+) -> anyhow::Result<Load> {
+    let url = DatabaseUrl::parse(url)?;
+    let mut conns = Vec::with_capacity(pool_size as usize);
+    for _ in 0..pool_size {
+        conns.push(<AnyConnection as PoolableConnection>::connect(&url)?);
+    }
+    let idle = Arc::new(Mutex::new(conns));
+    let free = Arc::new(tokio::sync::Semaphore::new(pool_size as usize));
+    let started = Instant::now();
+    let records = drive(rows, clients, duration, move |id| {
+        let (idle, free) = (idle.clone(), free.clone());
+        async move {
+            let _permit = free.acquire().await.expect("never closed");
+            let mut conn = idle
+                .lock()
+                .expect("pool mutex")
+                .pop()
+                .expect("a permit, a connection");
+            let result = tokio::task::block_in_place(|| sync_unit(&mut conn, id, unit_of_work));
+            idle.lock().expect("pool mutex").push(conn);
+            result
+        }
+    })
+    .await;
+    Ok(collect(records, started.elapsed(), pool_size))
 }
 
 /// Sync Diesel without tokio: `clients` OS threads sharing `pool_size` raw

@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use diesel_runsync::{Backend, DatabaseUrl};
+use diesel_runsync::{Backend, DatabaseUrl, EngineOptions};
 use greenlet_orm::queries::workload_families;
 
 use crate::count::Counter;
@@ -79,7 +79,7 @@ struct Cli {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "facade,facade-native,sync,diesel-async,deadpool-diesel,sqlx"
+        default_value = "facade,facade-inline,facade-native,sync,diesel-async,deadpool-diesel,sqlx"
     )]
     impls: Vec<Impl>,
 
@@ -217,6 +217,10 @@ impl BackendArg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 pub enum Impl {
     Facade,
+    /// The facade with `EngineOptions::inline_embedded`: on SQLite, calls
+    /// without a deadline on the caller's thread (elsewhere as `facade`).
+    #[value(name = "facade-inline")]
+    FacadeInline,
     /// The facade on the backend's native connection type.
     #[value(name = "facade-native")]
     FacadeNative,
@@ -234,12 +238,19 @@ pub enum Impl {
     /// `tokio::task::spawn_blocking` (the facade's thread, without the facade).
     #[value(name = "sync-blocking")]
     SyncBlocking,
+    /// Diagnostic: `sync` inside `tokio::task::block_in_place` on a runtime
+    /// worker (W(N)); under load, each unit on a raw connection of a pool of
+    /// `--pool-size` inside `block_in_place`, on the task's own worker
+    /// thread: a unit with no hop to the blocking pool and back.
+    #[value(name = "inline")]
+    Inline,
 }
 
 impl Impl {
     fn name(self) -> &'static str {
         match self {
             Impl::Facade => "facade",
+            Impl::FacadeInline => "facade-inline",
             Impl::FacadeNative => "facade-native",
             Impl::Sync => "sync",
             Impl::DieselAsync => "diesel-async",
@@ -247,6 +258,7 @@ impl Impl {
             Impl::Sqlx => "sqlx",
             Impl::SyncThread => "sync-thread",
             Impl::SyncBlocking => "sync-blocking",
+            Impl::Inline => "inline",
         }
     }
 }
@@ -449,12 +461,13 @@ fn workload(
                 }
             };
             let phases = match imp {
-                Impl::Facade => {
+                Impl::Facade | Impl::FacadeInline => {
                     let (url, families, counter) =
                         (url.to_owned(), families.clone(), counter.clone());
                     let size = cli.pool_size;
+                    let inline = imp == Impl::FacadeInline;
                     on_worker(runtime, async move {
-                        sync_impls::facade(&url, n, families, &counter, size).await
+                        sync_impls::facade(&url, n, families, &counter, size, inline).await
                     })?
                 }
                 Impl::FacadeNative | Impl::Deadpool => {
@@ -488,6 +501,15 @@ fn workload(
                         .block_on(runtime.spawn_blocking(move || {
                             sync_impls::sync(&url, n, &families, &counter)
                         }))??
+                }
+                Impl::Inline => {
+                    let (url, families, counter) =
+                        (url.to_owned(), families.clone(), counter.clone());
+                    runtime.block_on(runtime.spawn(async move {
+                        tokio::task::block_in_place(|| {
+                            sync_impls::sync(&url, n, &families, &counter)
+                        })
+                    }))??
                 }
                 Impl::DieselAsync => {
                     let (url, families, counter, migration) = (
@@ -605,6 +627,7 @@ fn workload(
     // Ratios, run by run (same run, same machine state), then their median.
     for (num, den) in [
         (Impl::Facade, Impl::Sync),
+        (Impl::FacadeInline, Impl::Facade),
         (Impl::Facade, Impl::FacadeNative),
         (Impl::FacadeNative, Impl::Sync),
         (Impl::Facade, Impl::DieselAsync),
@@ -854,11 +877,14 @@ impl LoadFigures {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Loader {
     Facade,
+    FacadeInline,
     FacadeNative,
     SyncThreads,
     DieselAsync,
     Deadpool,
     Sqlx,
+    /// Diagnostic: units inside `block_in_place` (`--impls inline`).
+    Inline,
     /// pgbench with one connection per client (at most --pgbench-max-clients).
     Pgbench,
     /// pgbench with the pools' connection count (for C above it).
@@ -880,11 +906,13 @@ fn concurrency(
     for imp in &cli.impls {
         let loader = match imp {
             Impl::Facade => Loader::Facade,
+            Impl::FacadeInline => Loader::FacadeInline,
             Impl::FacadeNative => Loader::FacadeNative,
             Impl::Sync => Loader::SyncThreads,
             Impl::DieselAsync => Loader::DieselAsync,
             Impl::Deadpool => Loader::Deadpool,
             Impl::Sqlx => Loader::Sqlx,
+            Impl::Inline => Loader::Inline,
             Impl::SyncThread | Impl::SyncBlocking => continue,
         };
         if !loaders.contains(&loader) {
@@ -901,15 +929,20 @@ fn concurrency(
     // One unrecorded level of load first: whichever implementation ran
     // first in the process paid for it (on SQLite about 0.6x of its
     // throughput at C = 8, after a warm-up of 1 s too).
-    if let (Some(&clients), true) = (cli.clients.first(), cli.warmup > 0) {
+    let facade_load = |clients, inline| {
         runtime.block_on(figures::facade_load(
             url,
             cli.rows,
             clients,
             duration,
-            size,
+            EngineOptions::default()
+                .max_size(size)
+                .inline_embedded(inline),
             sync_impls::unit_of_work,
-        ))?;
+        ))
+    };
+    if let (Some(&clients), true) = (cli.clients.first(), cli.warmup > 0) {
+        facade_load(clients, false)?;
         eprintln!(
             "concurrency {backend}: {} s of facade load at C={clients} run first, unrecorded",
             duration.as_secs()
@@ -931,15 +964,13 @@ fn concurrency(
             let before = status.as_mut().map(|s| s.snapshot()).transpose()?;
             let (figures, note) = match loader {
                 Loader::Facade => {
-                    let load = runtime.block_on(figures::facade_load(
-                        url,
-                        cli.rows,
-                        clients,
-                        duration,
-                        size,
-                        sync_impls::unit_of_work,
-                    ))?;
+                    let load = facade_load(clients, false)?;
                     (LoadFigures::from_load("facade", &load), load.first_error)
+                }
+                Loader::FacadeInline => {
+                    let load = facade_load(clients, true)?;
+                    let figures = LoadFigures::from_load("facade-inline", &load);
+                    (figures, load.first_error)
                 }
                 Loader::FacadeNative | Loader::Deadpool => {
                     let (runner, name) = if loader == Loader::Deadpool {
@@ -958,6 +989,11 @@ fn concurrency(
                         LoadFigures::from_load("sync-threads", &load),
                         load.first_error,
                     )
+                }
+                Loader::Inline => {
+                    let load = runtime
+                        .block_on(figures::inline_load(url, cli.rows, clients, duration, size))?;
+                    (LoadFigures::from_load("inline", &load), load.first_error)
                 }
                 Loader::DieselAsync => {
                     let load = runtime.block_on(figures::diesel_async_load(
@@ -1073,7 +1109,7 @@ fn concurrency(
             let others: Vec<&LoadFigures> = figures_at
                 .iter()
                 .filter(|f| match label {
-                    "pooled" => f.pooled && f.name != "facade",
+                    "pooled" => f.pooled && !f.name.starts_with("facade"),
                     name => f.name == name,
                 })
                 .collect();

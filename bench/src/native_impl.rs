@@ -445,7 +445,10 @@ where
         >,
 {
     match runner {
-        Runner::Facade => facade_load(url, rows, clients, duration, pool_size, core.unit).await,
+        Runner::Facade => {
+            let options = EngineOptions::default().max_size(pool_size);
+            facade_load(url, rows, clients, duration, options, core.unit).await
+        }
         Runner::Deadpool => {
             let pool = Arc::new(Deadpool::new(url, pool_size, core, None)?);
             pool.warm(pool_size).await?;

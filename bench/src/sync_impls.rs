@@ -73,6 +73,7 @@ pub async fn facade(
     families: Arc<Vec<Family>>,
     counter: &Counter,
     pool_size: u32,
+    inline: bool,
 ) -> anyhow::Result<Vec<Phase>> {
     let mut timer = PhaseTimer::new(counter.clone());
     // The counter goes on every connection the pool opens, after the
@@ -81,6 +82,7 @@ pub async fn facade(
     let counting = counter.clone();
     let options = EngineOptions::default()
         .max_size(pool_size)
+        .inline_embedded(inline)
         .instrumentation(move || counting.instrumentation());
     timer.start();
     let engine = Engine::<AnyConnection>::connect(url, options)

@@ -11,19 +11,12 @@
 mod common;
 
 use common::TestDb;
-use diesel::{MysqlConnection, QueryResult, RunQueryDsl};
+use diesel::{MysqlConnection, QueryResult};
 use diesel_runsync::EngineOptions;
 
 /// Commands the server has run for this session, this read included.
 fn questions(c: &mut MysqlConnection) -> QueryResult<i64> {
-    #[derive(diesel::QueryableByName)]
-    struct Status {
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        #[diesel(column_name = Value)]
-        value: String,
-    }
-    let status: Status = diesel::sql_query("SHOW SESSION STATUS LIKE 'Questions'").get_result(c)?;
-    Ok(status.value.parse().expect("a count"))
+    common::session_status(c, "Questions")
 }
 
 /// Commands per transaction end and begin: between two reads in two

@@ -191,15 +191,7 @@ mod mysql_server_counts {
     use diesel::MysqlConnection;
 
     fn prepares(c: &mut MysqlConnection) -> QueryResult<i64> {
-        #[derive(QueryableByName)]
-        struct Status {
-            #[diesel(sql_type = diesel::sql_types::Text)]
-            #[diesel(column_name = Value)]
-            value: String,
-        }
-        let status: Status =
-            diesel::sql_query("SHOW SESSION STATUS LIKE 'Com_stmt_prepare'").get_result(c)?;
-        Ok(status.value.parse().expect("a count"))
+        common::session_status(c, "Com_stmt_prepare")
     }
 
     #[tokio::test]

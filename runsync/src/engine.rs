@@ -14,7 +14,7 @@ use crate::manager::{
 };
 use crate::observe::{Observe, PoolEvent, PoolEventHook};
 use crate::session::AsyncSession;
-use crate::url::DatabaseUrl;
+use crate::url::{Backend, DatabaseUrl};
 
 /// A pooled connection checked out of an engine, with its turn at the gate.
 ///
@@ -119,6 +119,19 @@ pub struct EngineOptions {
     pub slow_statement_threshold: Option<Duration>,
     /// Your hook for pool events ([`EngineOptions::on_pool_event`]).
     pool_events: Option<PoolEventHooks>,
+    /// SQLite only, off by default: run each `run_sync` call (and
+    /// [`Engine::transaction`]) that has no deadline on the calling task's
+    /// own thread (`tokio::task::block_in_place`, on a multi-threaded
+    /// runtime; the runtime moves its other tasks to another thread
+    /// meanwhile) instead of hopping to tokio's blocking pool and back.
+    /// A unit of a few microseconds then costs no two cross-thread wake-ups
+    /// (5x the throughput under load here: BENCHMARKS.md). The price: such
+    /// a call cannot be cut short by dropping its future (nothing can drop
+    /// it while it runs): it runs to its end, and `Engine::transaction`
+    /// commits, before a drop takes effect. Calls with a deadline, on a
+    /// current-thread runtime, or on a server backend keep the hop and
+    /// every promise of the guide on failures.
+    pub inline_embedded: bool,
 }
 
 /// The user's pool event hook.
@@ -147,6 +160,7 @@ impl Default for EngineOptions {
             pool_name: None,
             slow_statement_threshold: None,
             pool_events: None,
+            inline_embedded: false,
         }
     }
 }
@@ -201,6 +215,14 @@ impl EngineOptions {
     #[must_use]
     pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.statement_timeout = timeout;
+        self
+    }
+
+    /// Sets [`inline_embedded`](Self::inline_embedded): SQLite calls without
+    /// a deadline run on the calling task's thread, without a hop.
+    #[must_use]
+    pub fn inline_embedded(mut self, inline: bool) -> Self {
+        self.inline_embedded = inline;
         self
     }
 
@@ -340,6 +362,8 @@ pub struct Engine<C: PoolableConnection> {
     /// served: bb8 alone lets a task that just returned a connection take it
     /// again ahead of tasks already waiting, starving them under load.
     gate: Arc<Semaphore>,
+    /// [`EngineOptions::inline_embedded`], on a SQLite URL.
+    inline: bool,
 }
 
 impl<C: PoolableConnection> Clone for Engine<C> {
@@ -352,6 +376,7 @@ impl<C: PoolableConnection> Clone for Engine<C> {
             connect_errors: self.connect_errors.clone(),
             observe: self.observe.clone(),
             gate: self.gate.clone(),
+            inline: self.inline,
         }
     }
 }
@@ -414,7 +439,9 @@ impl<C: PoolableConnection> Engine<C> {
             .retry_connection(false)
             .error_sink(Box::new(ConnectErrorSink(connect_errors.clone())))
             .build_unchecked(manager);
+        let inline = options.inline_embedded && url.backend() == Backend::Sqlite;
         let engine = Engine {
+            inline,
             pool,
             url,
             connection_timeout: options.connection_timeout,
@@ -440,6 +467,12 @@ impl<C: PoolableConnection> Engine<C> {
     /// This engine's telemetry.
     pub(crate) fn observe(&self) -> &Arc<Observe> {
         &self.observe
+    }
+
+    /// Whether calls without a deadline run on the caller's thread
+    /// ([`EngineOptions::inline_embedded`], on SQLite).
+    pub(crate) fn runs_inline(&self) -> bool {
+        self.inline
     }
 
     /// The default deadline of `run_sync` calls

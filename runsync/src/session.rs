@@ -471,7 +471,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
             let (flag, done, slot, home) = session.start_operation(pooled, true, &obs);
             let watch = done.0.watch.clone();
             let task_home = home.clone();
-            let handle = tokio::task::spawn_blocking(move || {
+            let blocking = move || {
                 let op = &done.0;
                 let begun = op.obs.started();
                 let entered = op.obs.enter();
@@ -512,9 +512,20 @@ impl<C: PoolableConnection> AsyncSession<C> {
                 drop(entered);
                 op.obs.ran(begun);
                 (step, done)
-            });
-            let at = deadline.map(|(_, at)| at);
-            let joined = session.join(handle, &watch, at, obs.span()).await;
+            };
+            let joined = if timeout.is_none() && session.engine.runs_inline() && can_run_inline() {
+                // On this thread, the runtime's other tasks moved off it
+                // (EngineOptions::inline_embedded). No await until it
+                // returns: the future cannot be dropped meanwhile. Panics of
+                // the closure are caught inside; one of this crate's own
+                // would unwind from here with the connection in the slot,
+                // which the pool then refuses (a transaction may be open).
+                Some(Ok(tokio::task::block_in_place(blocking)))
+            } else {
+                let handle = tokio::task::spawn_blocking(blocking);
+                let at = deadline.map(|(_, at)| at);
+                session.join(handle, &watch, at, obs.span()).await
+            };
             flag.disarm();
             let Some(joined) = joined else {
                 // Given up at the deadline: the connection goes, unreturned.
@@ -1089,4 +1100,11 @@ impl<C: PoolableConnection> WithTimeout<'_, C> {
             Op::RunSyncAndCommit,
         )
     }
+}
+
+/// Whether `tokio::task::block_in_place` may run here: on a multi-threaded
+/// runtime (it panics on a current-thread one).
+fn can_run_inline() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }

@@ -228,7 +228,7 @@ fn workload(
             let (url2, families, counter2) = (url.clone(), families.clone(), counter.clone());
             let size = cli.pool_size;
             let phases: Vec<Phase> = on_worker(runtime, async move {
-                sync_impls::facade(&url2, n, families, &counter2, size).await
+                sync_impls::facade(&url2, n, families, &counter2, size, false).await
             })
             .with_context(|| format!("W({n}) on {name}"))?;
             if !recorded {

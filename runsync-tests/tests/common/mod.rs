@@ -467,6 +467,23 @@ pub fn insert_unit<C: TestBackend>(c: &mut C, unit: i32) -> QueryResult<()> {
     insert_part(c, unit, 1)
 }
 
+/// A MariaDB/MySQL status counter of this connection's session
+/// (`SHOW SESSION STATUS LIKE name`), read with a statement Diesel prepares
+/// and runs each time (one `Questions` and one `Com_stmt_prepare` of its own).
+#[cfg(feature = "mysql")]
+pub fn session_status(c: &mut diesel::MysqlConnection, name: &str) -> QueryResult<i64> {
+    use diesel::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Status {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        #[diesel(column_name = Value)]
+        value: String,
+    }
+    let status: Status =
+        diesel::sql_query(format!("SHOW SESSION STATUS LIKE '{name}'")).get_result(c)?;
+    Ok(status.value.parse().expect("a status counter is a number"))
+}
+
 /// Rows of `items` this connection sees.
 pub fn count_rows<C: TestBackend>(c: &mut C) -> QueryResult<i64> {
     c.scalar(&format!(
