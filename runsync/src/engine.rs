@@ -125,7 +125,7 @@ pub struct EngineOptions {
     /// runtime; the runtime moves its other tasks to another thread
     /// meanwhile) instead of hopping to tokio's blocking pool and back.
     /// A unit of a few microseconds then costs no two cross-thread wake-ups
-    /// (5x the throughput under load here: BENCHMARKS.md). The price: such
+    /// (3.7x the throughput of 8 tasks here: BENCHMARKS.md). The price: such
     /// a call cannot be cut short by dropping its future (nothing can drop
     /// it while it runs): it runs to its end, and `Engine::transaction`
     /// commits, before a drop takes effect. Calls with a deadline, on a
