@@ -217,8 +217,8 @@ impl BackendArg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 pub enum Impl {
     Facade,
-    /// The facade with `EngineOptions::inline_embedded`: on SQLite, calls
-    /// without a deadline on the caller's thread (elsewhere as `facade`).
+    /// The facade with `EngineOptions::run_inline`: calls
+    /// without a deadline on the caller's thread, not the blocking pool.
     #[value(name = "facade-inline")]
     FacadeInline,
     /// The facade on the backend's native connection type.
@@ -935,9 +935,7 @@ fn concurrency(
             cli.rows,
             clients,
             duration,
-            EngineOptions::default()
-                .max_size(size)
-                .inline_embedded(inline),
+            EngineOptions::default().max_size(size).run_inline(inline),
             sync_impls::unit_of_work,
         ))
     };

@@ -82,7 +82,7 @@ pub async fn facade(
     let counting = counter.clone();
     let options = EngineOptions::default()
         .max_size(pool_size)
-        .inline_embedded(inline)
+        .run_inline(inline)
         .instrumentation(move || counting.instrumentation());
     timer.start();
     let engine = Engine::<AnyConnection>::connect(url, options)

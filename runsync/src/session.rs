@@ -515,7 +515,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
             };
             let joined = if timeout.is_none() && session.engine.runs_inline() && can_run_inline() {
                 // On this thread, the runtime's other tasks moved off it
-                // (EngineOptions::inline_embedded). No await until it
+                // (EngineOptions::run_inline). No await until it
                 // returns: the future cannot be dropped meanwhile. Panics of
                 // the closure are caught inside; one of this crate's own
                 // would unwind from here with the connection in the slot,
