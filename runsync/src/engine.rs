@@ -124,8 +124,8 @@ pub struct EngineOptions {
     /// (`tokio::task::block_in_place`, on a multi-threaded runtime; the
     /// runtime moves its other tasks to another thread meanwhile) instead of
     /// hopping to tokio's blocking pool and back. A short unit then costs
-    /// no two cross-thread wake-ups (on SQLite 3.7x the throughput of 8
-    /// tasks, on MariaDB 1.5x, on PostgreSQL 1.1x here: BENCHMARKS.md). The
+    /// no two cross-thread wake-ups (at 8 tasks here: 4.0x the throughput
+    /// on SQLite, 1.3x on MariaDB, 1.2x on PostgreSQL; BENCHMARKS.md). The
     /// price: such a call cannot be cut short by dropping its future
     /// (nothing can drop it while it runs; its statement is not cancelled on
     /// the server): it runs to its end, and `Engine::transaction` commits,
