@@ -10,7 +10,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::{TestDb, per_backend};
+use common::{TestDb, migrate, per_backend};
 use diesel::connection::{Instrumentation, InstrumentationEvent};
 use diesel_runsync::EngineOptions;
 use greenlet_orm::queries::{insert_families, seed_families, touch_parent};
@@ -41,16 +41,13 @@ async fn the_load_unit_prepares_each_statement_once(db: TestDb) {
     let seen = Seen::default();
     let recorder = seen.clone();
     let engine = db
-        .migrated_engine(1, std::time::Duration::from_secs(30))
-        .await;
-    drop(engine);
-    let engine = db
         .engine_with(
             EngineOptions::default()
                 .max_size(1)
                 .instrumentation(move || recorder.clone()),
         )
         .await;
+    migrate(&engine).await;
     let ids = engine
         .transaction(|c| insert_families(c, &seed_families()))
         .await

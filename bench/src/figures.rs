@@ -421,6 +421,14 @@ pub fn sync_unit<C: PoolableConnection>(
     }
 }
 
+/// `pool_size` raw connections to `url`, opened before the clock starts.
+fn open_raw(url: &str, pool_size: u32) -> anyhow::Result<Vec<AnyConnection>> {
+    let url = DatabaseUrl::parse(url)?;
+    (0..pool_size)
+        .map(|_| Ok(<AnyConnection as PoolableConnection>::connect(&url)?))
+        .collect()
+}
+
 /// Diagnostic (`--impls inline`): `clients` tokio tasks sharing `pool_size`
 /// raw connections (a stack behind a mutex, a semaphore to wait on), each
 /// unit run with `tokio::task::block_in_place` on the task's own worker
@@ -434,11 +442,7 @@ pub async fn inline_load(
     duration: Duration,
     pool_size: u32,
 ) -> anyhow::Result<Load> {
-    let url = DatabaseUrl::parse(url)?;
-    let mut conns = Vec::with_capacity(pool_size as usize);
-    for _ in 0..pool_size {
-        conns.push(<AnyConnection as PoolableConnection>::connect(&url)?);
-    }
+    let conns = open_raw(url, pool_size)?;
     let idle = Arc::new(Mutex::new(conns));
     let free = Arc::new(tokio::sync::Semaphore::new(pool_size as usize));
     let started = Instant::now();
@@ -471,11 +475,7 @@ pub fn sync_threads_load(
     duration: Duration,
     pool_size: u32,
 ) -> anyhow::Result<Load> {
-    let url = DatabaseUrl::parse(url)?;
-    let mut conns = Vec::with_capacity(pool_size as usize);
-    for _ in 0..pool_size {
-        conns.push(<AnyConnection as PoolableConnection>::connect(&url)?);
-    }
+    let conns = open_raw(url, pool_size)?;
     let pool = Arc::new(BlockingPool {
         idle: Mutex::new(conns),
         returned: Condvar::new(),
