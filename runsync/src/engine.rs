@@ -350,8 +350,16 @@ pub struct PoolStatus {
 }
 
 /// A pool of synchronous Diesel connections of type `C`, and the factory of
-/// [`AsyncSession`]s over it. Cheap to clone; clones share the pool.
+/// [`AsyncSession`]s over it. Cheap to clone (one reference count); clones
+/// share the pool.
 pub struct Engine<C: PoolableConnection> {
+    shared: Arc<Shared<C>>,
+}
+
+/// What an [`Engine`]'s clones share. Behind one `Arc`: every
+/// `Engine::transaction` clones its engine, and a session's futures carry
+/// it whole.
+struct Shared<C: PoolableConnection> {
     pool: bb8::Pool<Manager<C>>,
     url: DatabaseUrl,
     connection_timeout: Duration,
@@ -370,14 +378,7 @@ pub struct Engine<C: PoolableConnection> {
 impl<C: PoolableConnection> Clone for Engine<C> {
     fn clone(&self) -> Self {
         Engine {
-            pool: self.pool.clone(),
-            url: self.url.clone(),
-            connection_timeout: self.connection_timeout,
-            statement_timeout: self.statement_timeout,
-            connect_errors: self.connect_errors.clone(),
-            observe: self.observe.clone(),
-            gate: self.gate.clone(),
-            inline: self.inline,
+            shared: self.shared.clone(),
         }
     }
 }
@@ -385,7 +386,7 @@ impl<C: PoolableConnection> Clone for Engine<C> {
 impl<C: PoolableConnection> std::fmt::Debug for Engine<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("url", &self.url)
+            .field("url", &self.shared.url)
             .field("pool", &self.status())
             .finish()
     }
@@ -441,14 +442,16 @@ impl<C: PoolableConnection> Engine<C> {
             .error_sink(Box::new(ConnectErrorSink(connect_errors.clone())))
             .build_unchecked(manager);
         let engine = Engine {
-            inline: options.run_inline,
-            pool,
-            url,
-            connection_timeout: options.connection_timeout,
-            statement_timeout: options.statement_timeout,
-            connect_errors,
-            observe,
-            gate: Arc::new(Semaphore::new(max_size as usize)),
+            shared: Arc::new(Shared {
+                inline: options.run_inline,
+                pool,
+                url,
+                connection_timeout: options.connection_timeout,
+                statement_timeout: options.statement_timeout,
+                connect_errors,
+                observe,
+                gate: Arc::new(Semaphore::new(max_size as usize)),
+            }),
         };
         drop(engine.checkout().await?);
         Ok(engine)
@@ -456,29 +459,29 @@ impl<C: PoolableConnection> Engine<C> {
 
     /// The engine's URL (prints without its password).
     pub fn url(&self) -> &DatabaseUrl {
-        &self.url
+        &self.shared.url
     }
 
     /// The pool's name in spans and metrics ([`EngineOptions::pool_name`]).
     pub fn pool_name(&self) -> &str {
-        self.observe.pool_name()
+        self.shared.observe.pool_name()
     }
 
     /// This engine's telemetry.
     pub(crate) fn observe(&self) -> &Arc<Observe> {
-        &self.observe
+        &self.shared.observe
     }
 
     /// Whether calls without a deadline run on the caller's thread
     /// ([`EngineOptions::run_inline`]).
     pub(crate) fn runs_inline(&self) -> bool {
-        self.inline
+        self.shared.inline
     }
 
     /// The default deadline of `run_sync` calls
     /// ([`EngineOptions::statement_timeout`]).
     pub fn statement_timeout(&self) -> Option<Duration> {
-        self.statement_timeout
+        self.shared.statement_timeout
     }
 
     /// A new session; it checks a connection out when first used.
@@ -514,14 +517,14 @@ impl<C: PoolableConnection> Engine<C> {
             crate::session::SessionOf::Fresh(self),
             f,
             true,
-            self.statement_timeout,
+            self.shared.statement_timeout,
             crate::observe::Op::Transaction,
         )
     }
 
     /// Connection counts of the pool.
     pub fn status(&self) -> PoolStatus {
-        let state = self.pool.state();
+        let state = self.shared.pool.state();
         PoolStatus {
             connections: state.connections,
             idle: state.idle_connections,
@@ -533,21 +536,22 @@ impl<C: PoolableConnection> Engine<C> {
     /// opening one fails, and with [`Error::PoolTimeout`] after the
     /// connection timeout in all.
     pub(crate) async fn checkout(&self) -> Result<Pooled<C>, Error> {
-        let watch = self.observe.checkout_started();
-        let timeout = self.connection_timeout;
+        let watch = self.shared.observe.checkout_started();
+        let timeout = self.shared.connection_timeout;
         // One `async` layer for the whole checkout, and the connection
         // handed out as built: each layer or move copies it once more.
         tokio::time::timeout(timeout, async {
             let turn = self
+                .shared
                 .gate
                 .clone()
                 .acquire_owned()
                 .await
                 .map_err(|_| Error::ConnectionLost)?;
-            let mut failures = self.connect_errors.subscribe();
+            let mut failures = self.shared.connect_errors.subscribe();
             let inner = tokio::select! {
                 biased;
-                got = self.pool.get_owned() => got.map_err(|e| match e {
+                got = self.shared.pool.get_owned() => got.map_err(|e| match e {
                     bb8::RunError::User(e) => e,
                     bb8::RunError::TimedOut => Error::PoolTimeout(timeout),
                 })?,
@@ -566,7 +570,7 @@ impl<C: PoolableConnection> Engine<C> {
             // For `db.client.connection.use_time`, and the checkin.
             let checked_out = watch.watched().then(|| {
                 let since = cfg!(feature = "metrics").then(Instant::now);
-                Box::new((self.observe.clone(), since))
+                Box::new((self.shared.observe.clone(), since))
             });
             Ok(Pooled {
                 inner,
