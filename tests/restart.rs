@@ -24,6 +24,7 @@ use common::{Flavor, blocking, insert_children, insert_parent, partial_units_on,
 use diesel::prelude::*;
 use diesel_runsync::{AsyncSession, DatabaseUrl, Engine, EngineOptions, PoolableConnection};
 use greenlet_orm::{AnyConnection, DemoError};
+use runsync_testkit::free_port;
 
 const RESTARTS: usize = 3;
 const RECOVERY_BOUND: Duration = Duration::from_secs(5);
@@ -33,14 +34,6 @@ fn unavailable(why: &str) -> ! {
         "cannot start a throwaway server: {why} (this test runs with its backend's other \
          tests; `cargo test -- --skip restarts_lose_nothing_and_recover` leaves it out)"
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn run(cmd: &mut Command) {

@@ -134,6 +134,12 @@ struct Cli {
     #[arg(long, default_value_t = 5)]
     duration: u64,
 
+    /// Rounds of each concurrency level: every implementation runs once per
+    /// round, the order rotated from round to round; the goal lines give
+    /// the median, over the rounds, of ratios measured within one round.
+    #[arg(long, default_value_t = 1)]
+    load_runs: usize,
+
     /// Rows of `a` for the micro and concurrency figures.
     #[arg(long, default_value_t = 10_000)]
     rows: usize,
@@ -826,8 +832,6 @@ struct LoadFigures {
     max: f64,
     /// The fewest units one task (pgbench: one client) finished.
     min_units: usize,
-    /// One of the 8-connection pools (the goal's "others"), not pgbench.
-    pooled: bool,
 }
 
 impl LoadFigures {
@@ -841,11 +845,9 @@ impl LoadFigures {
             &us,
             load.failures,
             load.min_units_per_task,
-            true,
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn new(
         name: &str,
         connections: usize,
@@ -854,7 +856,6 @@ impl LoadFigures {
         us: &[f64],
         failures: usize,
         min_units: usize,
-        pooled: bool,
     ) -> Self {
         LoadFigures {
             name: name.to_owned(),
@@ -868,7 +869,6 @@ impl LoadFigures {
             mean: us.iter().sum::<f64>() / us.len().max(1) as f64,
             max: us.iter().copied().fold(0.0, f64::max),
             min_units,
-            pooled,
         }
     }
 }
@@ -889,6 +889,118 @@ enum Loader {
     Pgbench,
     /// pgbench with the pools' connection count (for C above it).
     PgbenchPool,
+}
+
+/// The async pooled peers of issue 18's goals (8 connections each).
+const ASYNC_PEERS: [&str; 3] = ["diesel-async", "deadpool-diesel", "sqlx"];
+
+/// The goal lines of one load level: for `facade` and `facade-inline`, the
+/// throughput over the best peer's and the p99 over the best p99 among
+/// peers that served every task (each finished at least two units),
+/// computed within each round, and their median over the rounds. Peers:
+/// the async pooled peers ("pooled"); pgbench with a connection per task
+/// ("pgbench"); pgbench on the pools' 8 connections ("pgbench-pool").
+/// Also each implementation's median throughput and p99 over the rounds.
+fn goal_lines(
+    backend: Backend,
+    clients: usize,
+    rounds: &[Vec<LoadFigures>],
+    out: &mut impl Write,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let n = rounds.len();
+    if n > 1 {
+        let mut names: Vec<&str> = Vec::new();
+        for f in rounds.iter().flatten() {
+            if !names.contains(&f.name.as_str()) {
+                names.push(&f.name);
+            }
+        }
+        for name in names {
+            let of: Vec<&LoadFigures> =
+                rounds.iter().flatten().filter(|f| f.name == name).collect();
+            let tps = stats::median(&of.iter().map(|f| f.tps).collect::<Vec<_>>());
+            let p99 = stats::median(&of.iter().map(|f| f.p99).collect::<Vec<_>>());
+            let min_units = of.iter().map(|f| f.min_units).min().unwrap_or(0);
+            writeln!(
+                out,
+                "{{\"summary\": \"concurrency_median\", \"backend\": \"{}\", \"impl\": \"{name}\", \"clients\": {clients}, \"rounds\": {}, \"tps\": {tps:.1}, \"p99_us\": {p99:.1}, \"min_units_per_task\": {min_units}}}",
+                backend.name(),
+                of.len()
+            )?;
+            report.lines.push(format!(
+                "concurrency {:<8} C={clients:<3} {name:<15} median of {}: {tps:>9.1} tx/s  p99 {p99:>9.1} us  min/task {min_units:>5}",
+                backend.name(),
+                of.len()
+            ));
+        }
+    }
+    for subject in ["facade", "facade-inline"] {
+        for label in ["pooled", "pgbench", "pgbench-pool"] {
+            let mut tps_ratios = Vec::new();
+            let mut p99_ratios = Vec::new();
+            let mut best = (String::new(), String::new());
+            for round in rounds {
+                let Some(me) = round.iter().find(|f| f.name == subject) else {
+                    continue;
+                };
+                let others: Vec<&LoadFigures> = round
+                    .iter()
+                    .filter(|f| match label {
+                        "pooled" => ASYNC_PEERS.contains(&f.name.as_str()),
+                        name => f.name == name,
+                    })
+                    .collect();
+                let Some(best_tps) = others.iter().max_by(|a, b| a.tps.total_cmp(&b.tps)) else {
+                    continue;
+                };
+                tps_ratios.push(me.tps / best_tps.tps);
+                best.0 = best_tps.name.clone();
+                if let Some(best_p99) = others
+                    .iter()
+                    .filter(|f| f.min_units >= 2)
+                    .min_by(|a, b| a.p99.total_cmp(&b.p99))
+                {
+                    p99_ratios.push(me.p99 / best_p99.p99);
+                    best.1 = best_p99.name.clone();
+                }
+            }
+            if tps_ratios.is_empty() {
+                continue;
+            }
+            let tps_ratio = stats::median(&tps_ratios);
+            let p99_ratio = stats::median(&p99_ratios);
+            let list = |v: &[f64]| {
+                v.iter()
+                    .map(|r| format!("{r:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            writeln!(
+                out,
+                "{{\"summary\": \"concurrency_goal\", \"backend\": \"{}\", \"impl\": \"{subject}\", \"clients\": {clients}, \"others\": \"{label}\", \"rounds\": {}, \"tps_over_best\": {tps_ratio:.4}, \"tps_ratios\": [{}], \"best_tps_impl\": \"{}\", \"p99_over_best\": {p99_ratio:.4}, \"p99_ratios\": [{}], \"best_p99_impl\": \"{}\"}}",
+                backend.name(),
+                tps_ratios.len(),
+                list(&tps_ratios),
+                best.0,
+                list(&p99_ratios),
+                best.1
+            )?;
+            report.lines.push(format!(
+                "concurrency {:<8} C={clients:<3} {subject} vs {label}: tps {tps_ratio:.3} x best (last round's best {}), p99 {p99_ratio:.3} x best serving every task ({}){}",
+                backend.name(),
+                best.0,
+                best.1,
+                if n > 1 {
+                    format!("; median of {n} rounds: tps [{}], p99 [{}]", list(&tps_ratios), list(&p99_ratios))
+                } else {
+                    String::new()
+                }
+            ));
+        }
+    }
+    out.flush()?;
+    Ok(())
 }
 
 fn concurrency(
@@ -954,131 +1066,141 @@ fn concurrency(
                 order.push(Loader::PgbenchPool);
             }
         }
-        // Rotate the order from level to level.
+        // Rotate the order from level to level, and from round to round.
         let len = order.len().max(1);
         order.rotate_left(level % len);
-        let mut figures_at: Vec<LoadFigures> = Vec::new();
-        for loader in order {
-            let before = status.as_mut().map(|s| s.snapshot()).transpose()?;
-            let (figures, note) = match loader {
-                Loader::Facade => {
-                    let load = facade_load(clients, false)?;
-                    (LoadFigures::from_load("facade", &load), load.first_error)
+        let mut rounds: Vec<Vec<LoadFigures>> = Vec::new();
+        for round in 0..cli.load_runs.max(1) {
+            if round > 0 {
+                order.rotate_left(1);
+            }
+            let mut figures_at: Vec<LoadFigures> = Vec::new();
+            for &loader in &order {
+                let before = status.as_mut().map(|s| s.snapshot()).transpose()?;
+                let (figures, note) = match loader {
+                    Loader::Facade => {
+                        let load = facade_load(clients, false)?;
+                        (LoadFigures::from_load("facade", &load), load.first_error)
+                    }
+                    Loader::FacadeInline => {
+                        let load = facade_load(clients, true)?;
+                        let figures = LoadFigures::from_load("facade-inline", &load);
+                        (figures, load.first_error)
+                    }
+                    Loader::FacadeNative | Loader::Deadpool => {
+                        let (runner, name) = if loader == Loader::Deadpool {
+                            (native_impl::Runner::Deadpool, "deadpool-diesel")
+                        } else {
+                            (native_impl::Runner::Facade, "facade-native")
+                        };
+                        let load = runtime.block_on(native_impl::load(
+                            runner, backend, url, cli.rows, clients, duration, size,
+                        ))?;
+                        (LoadFigures::from_load(name, &load), load.first_error)
+                    }
+                    Loader::SyncThreads => {
+                        let load =
+                            figures::sync_threads_load(url, cli.rows, clients, duration, size)?;
+                        (
+                            LoadFigures::from_load("sync-threads", &load),
+                            load.first_error,
+                        )
+                    }
+                    Loader::Inline => {
+                        let load = runtime.block_on(figures::inline_load(
+                            url, cli.rows, clients, duration, size,
+                        ))?;
+                        (LoadFigures::from_load("inline", &load), load.first_error)
+                    }
+                    Loader::DieselAsync => {
+                        let load = runtime.block_on(figures::diesel_async_load(
+                            backend, url, cli.rows, clients, duration, size,
+                        ))?;
+                        (
+                            LoadFigures::from_load("diesel-async", &load),
+                            load.first_error,
+                        )
+                    }
+                    Loader::Sqlx => {
+                        let load = runtime.block_on(figures::sqlx_load(
+                            backend, url, cli.rows, clients, duration, size,
+                        ))?;
+                        (LoadFigures::from_load("sqlx", &load), load.first_error)
+                    }
+                    Loader::Pgbench | Loader::PgbenchPool => {
+                        let (name, conns) = if loader == Loader::Pgbench {
+                            ("pgbench", clients.min(cli.pgbench_max_clients))
+                        } else {
+                            ("pgbench-pool", size as usize)
+                        };
+                        let Some(pg) =
+                            figures::pgbench(&cli.pgbench, url, cli.rows, conns, duration)?
+                        else {
+                            if level == 0 && loader == Loader::Pgbench {
+                                eprintln!(
+                                    "concurrency: no {} binary; pgbench skipped",
+                                    cli.pgbench
+                                );
+                            }
+                            continue;
+                        };
+                        let mut figures = LoadFigures::new(
+                            name,
+                            pg.clients,
+                            duration.as_secs_f64(),
+                            pg.tps,
+                            &pg.latencies_us,
+                            pg.failures,
+                            pg.min_units_per_client,
+                        );
+                        figures.name = name.to_owned();
+                        (figures, Some(pg.command))
+                    }
+                };
+                let f = &figures;
+                if let (Some(reader), Some(before)) = (status.as_mut(), before) {
+                    let after = reader.snapshot()?;
+                    let counts = before.per_unit(&after, f.transactions + f.failures);
+                    let fields: Vec<String> = counts
+                        .iter()
+                        .map(|(name, per)| format!("\"{name}\": {per:.3}"))
+                        .collect();
+                    writeln!(
+                        out,
+                        "{{\"summary\": \"server_counts_per_unit\", \"backend\": \"{}\", \"impl\": \"{}\", \"clients\": {clients}, {}}}",
+                        backend.name(),
+                        f.name,
+                        fields.join(", ")
+                    )?;
+                    let text: Vec<String> = counts
+                        .iter()
+                        .map(|(name, per)| format!("{name} {per:.2}"))
+                        .collect();
+                    report.lines.push(format!(
+                        "server counts {:<8} C={clients:<3} {:<15} per unit: {}",
+                        backend.name(),
+                        f.name,
+                        text.join(", ")
+                    ));
                 }
-                Loader::FacadeInline => {
-                    let load = facade_load(clients, true)?;
-                    let figures = LoadFigures::from_load("facade-inline", &load);
-                    (figures, load.first_error)
-                }
-                Loader::FacadeNative | Loader::Deadpool => {
-                    let (runner, name) = if loader == Loader::Deadpool {
-                        (native_impl::Runner::Deadpool, "deadpool-diesel")
-                    } else {
-                        (native_impl::Runner::Facade, "facade-native")
-                    };
-                    let load = runtime.block_on(native_impl::load(
-                        runner, backend, url, cli.rows, clients, duration, size,
-                    ))?;
-                    (LoadFigures::from_load(name, &load), load.first_error)
-                }
-                Loader::SyncThreads => {
-                    let load = figures::sync_threads_load(url, cli.rows, clients, duration, size)?;
-                    (
-                        LoadFigures::from_load("sync-threads", &load),
-                        load.first_error,
-                    )
-                }
-                Loader::Inline => {
-                    let load = runtime
-                        .block_on(figures::inline_load(url, cli.rows, clients, duration, size))?;
-                    (LoadFigures::from_load("inline", &load), load.first_error)
-                }
-                Loader::DieselAsync => {
-                    let load = runtime.block_on(figures::diesel_async_load(
-                        backend, url, cli.rows, clients, duration, size,
-                    ))?;
-                    (
-                        LoadFigures::from_load("diesel-async", &load),
-                        load.first_error,
-                    )
-                }
-                Loader::Sqlx => {
-                    let load = runtime.block_on(figures::sqlx_load(
-                        backend, url, cli.rows, clients, duration, size,
-                    ))?;
-                    (LoadFigures::from_load("sqlx", &load), load.first_error)
-                }
-                Loader::Pgbench | Loader::PgbenchPool => {
-                    let (name, conns) = if loader == Loader::Pgbench {
-                        ("pgbench", clients.min(cli.pgbench_max_clients))
-                    } else {
-                        ("pgbench-pool", size as usize)
-                    };
-                    let Some(pg) = figures::pgbench(&cli.pgbench, url, cli.rows, conns, duration)?
-                    else {
-                        if level == 0 && loader == Loader::Pgbench {
-                            eprintln!("concurrency: no {} binary; pgbench skipped", cli.pgbench);
-                        }
-                        continue;
-                    };
-                    let mut figures = LoadFigures::new(
-                        name,
-                        pg.clients,
-                        duration.as_secs_f64(),
-                        pg.tps,
-                        &pg.latencies_us,
-                        pg.failures,
-                        pg.min_units_per_client,
-                        false,
-                    );
-                    figures.name = name.to_owned();
-                    (figures, Some(pg.command))
-                }
-            };
-            let f = &figures;
-            if let (Some(reader), Some(before)) = (status.as_mut(), before) {
-                let after = reader.snapshot()?;
-                let counts = before.per_unit(&after, f.transactions + f.failures);
-                let fields: Vec<String> = counts
-                    .iter()
-                    .map(|(name, per)| format!("\"{name}\": {per:.3}"))
-                    .collect();
                 writeln!(
                     out,
-                    "{{\"summary\": \"server_counts_per_unit\", \"backend\": \"{}\", \"impl\": \"{}\", \"clients\": {clients}, {}}}",
+                    "{{\"summary\": \"concurrency\", \"backend\": \"{}\", \"impl\": \"{}\", \"clients\": {clients}, \"round\": {round}, \"connections\": {}, \"seconds\": {:.3}, \"transactions\": {}, \"failures\": {}, \"tps\": {:.1}, \"p50_us\": {:.1}, \"p99_us\": {:.1}, \"mean_us\": {:.1}, \"max_us\": {:.1}, \"min_units_per_task\": {}}}",
                     backend.name(),
                     f.name,
-                    fields.join(", ")
+                    f.connections,
+                    f.seconds,
+                    f.transactions,
+                    f.failures,
+                    f.tps,
+                    f.p50,
+                    f.p99,
+                    f.mean,
+                    f.max,
+                    f.min_units
                 )?;
-                let text: Vec<String> = counts
-                    .iter()
-                    .map(|(name, per)| format!("{name} {per:.2}"))
-                    .collect();
                 report.lines.push(format!(
-                    "server counts {:<8} C={clients:<3} {:<15} per unit: {}",
-                    backend.name(),
-                    f.name,
-                    text.join(", ")
-                ));
-            }
-            writeln!(
-                out,
-                "{{\"summary\": \"concurrency\", \"backend\": \"{}\", \"impl\": \"{}\", \"clients\": {clients}, \"connections\": {}, \"seconds\": {:.3}, \"transactions\": {}, \"failures\": {}, \"tps\": {:.1}, \"p50_us\": {:.1}, \"p99_us\": {:.1}, \"mean_us\": {:.1}, \"max_us\": {:.1}, \"min_units_per_task\": {}}}",
-                backend.name(),
-                f.name,
-                f.connections,
-                f.seconds,
-                f.transactions,
-                f.failures,
-                f.tps,
-                f.p50,
-                f.p99,
-                f.mean,
-                f.max,
-                f.min_units
-            )?;
-            report.lines.push(format!(
-                "concurrency {:<8} C={clients:<3} {:<13} ({:>2} conns) {:>9.1} tx/s  p50 {:>9.1} us  p99 {:>9.1} us  mean {:>9.1} us  max {:>10.1} us  min/task {:>5}  failures {}{}",
+                "concurrency {:<8} C={clients:<3} {:<15} ({:>2} conns) {:>9.1} tx/s  p50 {:>9.1} us  p99 {:>9.1} us  mean {:>9.1} us  max {:>10.1} us  min/task {:>5}  failures {}{}",
                 backend.name(),
                 f.name,
                 f.connections,
@@ -1091,50 +1213,12 @@ fn concurrency(
                 f.failures,
                 note.map(|n| format!("   [{n}]")).unwrap_or_default()
             ));
-            out.flush()?;
-            figures_at.push(figures);
+                out.flush()?;
+                figures_at.push(figures);
+            }
+            rounds.push(figures_at);
         }
-        // The goal: the facade beside the best of the others (the pooled
-        // peers; and pgbench, which has its own connection per client).
-        let Some(facade) = figures_at.iter().find(|f| f.name == "facade") else {
-            continue;
-        };
-        // "pooled": the peers on 8-connection pools; "pgbench": pgbench with
-        // one connection per task (capped); "pgbench-pool": pgbench with the
-        // pools' 8 connections and no queue (the ceiling of 8 connections;
-        // its latency excludes the wait for a connection).
-        for label in ["pooled", "pgbench", "pgbench-pool"] {
-            let others: Vec<&LoadFigures> = figures_at
-                .iter()
-                .filter(|f| match label {
-                    "pooled" => f.pooled && !f.name.starts_with("facade"),
-                    name => f.name == name,
-                })
-                .collect();
-            let Some(best_tps) = others.iter().max_by(|a, b| a.tps.total_cmp(&b.tps)) else {
-                continue;
-            };
-            let Some(best_p99) = others.iter().min_by(|a, b| a.p99.total_cmp(&b.p99)) else {
-                continue;
-            };
-            let tps_ratio = facade.tps / best_tps.tps;
-            let p99_ratio = facade.p99 / best_p99.p99;
-            writeln!(
-                out,
-                "{{\"summary\": \"concurrency_goal\", \"backend\": \"{}\", \"clients\": {clients}, \"others\": \"{label}\", \"tps_over_best\": {tps_ratio:.4}, \"best_tps_impl\": \"{}\", \"p99_over_best\": {p99_ratio:.4}, \"best_p99_impl\": \"{}\"}}",
-                backend.name(),
-                best_tps.name,
-                best_p99.name
-            )?;
-            report.lines.push(format!(
-                "concurrency {:<8} C={clients:<3} facade vs {label}: tps {tps_ratio:.3} x {} ({:.1}), p99 {p99_ratio:.3} x {} ({:.1} us)",
-                backend.name(),
-                best_tps.name,
-                best_tps.tps,
-                best_p99.name,
-                best_p99.p99
-            ));
-        }
+        goal_lines(backend, clients, &rounds, out, report)?;
         out.flush()?;
     }
     Ok(())

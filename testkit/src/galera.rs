@@ -11,6 +11,7 @@
 //! Needs root, `mariadbd`, the `mariadb` client, galera-4, rsync and socat;
 //! [`Cluster::start`] panics saying which one is missing.
 
+use crate::free_port;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,14 +31,6 @@ fn unavailable(why: &str) -> ! {
         "cannot start the Galera test cluster: {why} (needs root, mariadb-server, the mariadb \
          client, galera-4, rsync and socat; `cargo test -- --skip galera_cluster` leaves it out)"
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn output(cmd: &mut Command) -> String {

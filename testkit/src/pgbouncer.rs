@@ -31,7 +31,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::pgha::{PG_BIN, free_port, is_root, postgres_ids, process_tree, psql_at, signal};
+use crate::free_port;
+use crate::pgha::{PG_BIN, is_root, postgres_ids, process_tree, psql_at, signal};
 
 /// Debian's PgBouncer binary.
 pub const PGBOUNCER: &str = "/usr/sbin/pgbouncer";

@@ -24,6 +24,7 @@
 //! and `pg-auto-failover-cli`; [`Formation::start`] panics saying which one
 //! is missing.
 
+use crate::free_port;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -61,14 +62,6 @@ fn unavailable(why: &str) -> ! {
          postgresql-15-auto-failover and pg-auto-failover-cli: \
          `apt-get install -y postgresql-15-auto-failover pg-auto-failover-cli`)"
     )
-}
-
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 pub(crate) fn output(cmd: &mut Command) -> String {
