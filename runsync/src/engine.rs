@@ -124,7 +124,7 @@ pub struct EngineOptions {
     /// (`tokio::task::block_in_place`, on a multi-threaded runtime; the
     /// runtime moves its other tasks to another thread meanwhile) instead of
     /// hopping to tokio's blocking pool and back. A short unit then costs
-    /// no two cross-thread wake-ups (at 8 tasks here: 4.0x the throughput
+    /// no two cross-thread wake-ups (at 8 tasks here: about 4x the throughput
     /// on SQLite, 1.3x on MariaDB, 1.2x on PostgreSQL; BENCHMARKS.md). The
     /// price: such a call cannot be cut short by dropping its future
     /// (nothing can drop it while it runs; its statement is not cancelled on
