@@ -446,7 +446,12 @@ fn rows_by_id(urls: &[String], scenario: &str) -> HashMap<i64, i64> {
 /// Every acknowledged unit is there exactly once, no unit is there twice,
 /// no row comes from a unit never run, and (the library's promise for
 /// `Error::Timeout`) no timed-out unit is there. Returns a summary.
-fn assert_exactly_once(scenario: &str, ledger: &Ledger, rows: &HashMap<i64, i64>) -> String {
+fn assert_exactly_once(
+    scenario: &str,
+    ledger: &Ledger,
+    rows: &HashMap<i64, i64>,
+    formation: &Formation,
+) -> String {
     let lost: Vec<i64> = ledger
         .acked
         .iter()
@@ -482,17 +487,26 @@ fn assert_exactly_once(scenario: &str, ledger: &Ledger, rows: &HashMap<i64, i64>
         .iter()
         .filter(|f| rows.contains_key(&f.id))
         .count();
-    assert!(
-        lost.is_empty() && duplicated.is_empty() && phantom.is_empty(),
-        "{scenario}: {} acknowledged writes lost (ids {:?}), {} duplicated (id, rows: {:?}), \
-         {} rows of units never run ({:?})",
-        lost.len(),
-        &lost[..lost.len().min(20)],
-        duplicated.len(),
-        &duplicated[..duplicated.len().min(20)],
-        phantom.len(),
-        &phantom[..phantom.len().min(20)],
-    );
+    if !(lost.is_empty() && duplicated.is_empty() && phantom.is_empty()) {
+        // Which server acknowledged the lost writes, and what the formation
+        // went through: what a failure here needs to be understood.
+        let mut lost_by_port: std::collections::BTreeMap<i32, usize> = Default::default();
+        for ack in ledger.acked.iter().filter(|a| lost.contains(&a.id)) {
+            *lost_by_port.entry(ack.port).or_default() += 1;
+        }
+        panic!(
+            "{scenario}: {} acknowledged writes lost (ids {:?}; acknowledged by the server on \
+             port: {lost_by_port:?}), {} duplicated (id, rows: {:?}), {} rows of units never \
+             run ({:?}); the monitor's last events:\n{}",
+            lost.len(),
+            &lost[..lost.len().min(20)],
+            duplicated.len(),
+            &duplicated[..duplicated.len().min(20)],
+            phantom.len(),
+            &phantom[..phantom.len().min(20)],
+            formation.events(40)
+        );
+    }
     assert!(
         timed_out_present.is_empty(),
         "{scenario}: units that returned Error::Timeout were committed: {timed_out_present:?}"
@@ -617,7 +631,7 @@ fn planned_switchover(rt: &Runtime, f: &mut Formation) {
     ) - t0;
     let ledger = load.stop(rt);
     let rows = rows_by_id(&[f.url("")], "switchover");
-    let summary = assert_exactly_once("switchover", &ledger, &rows);
+    let summary = assert_exactly_once("switchover", &ledger, &rows, f);
     println!(
         "FIGURE pg_ha switchover: node{} -> node{} (switchover() done, old primary secondary \
          again, after {}); writes resumed on the new primary {} after perform_failover \
@@ -689,7 +703,7 @@ fn sigkill_of_the_primary(rt: &Runtime, f: &mut Formation) {
     );
     let ledger = load.stop(rt);
     let rows = rows_by_id(&[f.url("")], "sigkill");
-    let summary = assert_exactly_once("sigkill", &ledger, &rows);
+    let summary = assert_exactly_once("sigkill", &ledger, &rows, f);
     println!(
         "FIGURE pg_ha sigkill: node{} killed, node{} writable after {}; writes resumed on it \
          after {} (longest gap {}); {retried_during} attempts retried and {connects} failed \
@@ -762,7 +776,7 @@ fn frozen_primary(rt: &Runtime, f: &mut Formation) {
     );
     let rejoined = thawed.elapsed();
     let rows = rows_by_id(&[f.url("")], "frozen");
-    let summary = assert_exactly_once("frozen", &ledger, &rows);
+    let summary = assert_exactly_once("frozen", &ledger, &rows, f);
     println!(
         "FIGURE pg_ha frozen: node{} frozen, node{} writable after {}; writes resumed on it \
          after {}; {} calls with a {} deadline, the longest returned in {} ({} Error::Timeout); \
@@ -885,7 +899,7 @@ fn read_only_primary(rt: &Runtime, f: &mut Formation) {
         .map(|a| a.at)
         .max();
     let rows = rows_by_id(&[formation_url, system_url], "read-only");
-    let summary = assert_exactly_once("read-only", &ledger, &rows);
+    let summary = assert_exactly_once("read-only", &ledger, &rows, f);
     let moved = moved_at.saturating_duration_since(t1);
     println!(
         "FIGURE pg_ha read-only: node{} set read-only (ALTER SYSTEM + reload took {}); first \
@@ -1050,11 +1064,13 @@ fn pgbouncer(rt: &Runtime, f: &mut Formation, dirs: &mut Vec<String>) {
         "bouncer-units",
         &ledger_c,
         &rows_by_id(std::slice::from_ref(&direct), "bouncer-units"),
+        f,
     );
     let summary_d = assert_exactly_once(
         "bouncer-timeout",
         &ledger_d,
         &rows_by_id(std::slice::from_ref(&direct), "bouncer-timeout"),
+        f,
     );
     let detected = logged(since, |e| {
         e.message.contains("a proxy or pooler is in between")
@@ -1126,6 +1142,7 @@ fn pgbouncer(rt: &Runtime, f: &mut Formation, dirs: &mut Vec<String>) {
         "bouncer-retarget",
         &ledger_f,
         &rows_by_id(&[node_db_url(f, new, "bouncer")], "bouncer-retarget"),
+        f,
     );
     println!(
         "FIGURE pg_ha pgbouncer retarget: switchover to node{} in {}, then RELOAD: writes \

@@ -203,10 +203,10 @@ fn figure(line: String) {
     let _ = writeln!(std::io::stderr(), "FIGURE [{flavour}] {line}");
 }
 
-/// Tests that must not overlap with one another in this process: the
-/// memory test measures the process's resident set, and the million-row
-/// tests (on MySQL, a buffered result set) would disturb it.
-static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// The memory test measures the process's resident set, so it runs alone:
+/// it takes this lock exclusively, every other test of this file shared
+/// (tests run several at a time: CI runs four).
+static MEMORY: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// The process's resident set, in bytes (`/proc/self/statm`).
 fn rss_bytes() -> u64 {
@@ -256,7 +256,7 @@ fn many_rows() -> u64 {
 }
 
 async fn many_rows_are_counted<C: Streams>(db: TestDb<C>) {
-    let _heavy = HEAVY.lock().await;
+    let _shared = MEMORY.read().await;
     let engine = db.engine().await;
     let mut session = engine.session();
     let total = many_rows();
@@ -304,6 +304,7 @@ async fn order_and_visibility<C: Streams>(db: TestDb<C>)
 where
     SqlQuery: LoadQuery<'static, C, N, <C as StreamingMode>::Mode>,
 {
+    let _shared = MEMORY.read().await;
     let engine = db.engine().await;
     // Committed before: units 5001..=5500.
     let mut before = engine.session();
@@ -407,6 +408,7 @@ where
 }
 
 async fn dropped_midway_200_times<C: Streams>(db: TestDb<C>) {
+    let _shared = MEMORY.read().await;
     let drops: u64 = std::env::var("RUNSYNC_STREAM_DROPS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -511,7 +513,7 @@ async fn dropped_midway_200_times<C: Streams>(db: TestDb<C>) {
 }
 
 async fn a_slow_consumer_keeps_memory_flat<C: Streams>(db: TestDb<C>) {
-    let _heavy = HEAVY.lock().await;
+    let _alone = MEMORY.write().await;
     let engine = db.engine().await;
     let mut session = engine.session();
     let total = 36_000u64;
@@ -575,6 +577,7 @@ async fn a_slow_consumer_keeps_memory_flat<C: Streams>(db: TestDb<C>) {
 }
 
 async fn a_failing_producer_ends_the_stream_with_its_error<C: Streams>(db: TestDb<C>) {
+    let _shared = MEMORY.read().await;
     let engine = db.engine().await;
     for panics in [false, true] {
         let mut session = engine.session();
@@ -647,6 +650,7 @@ async fn a_failing_producer_ends_the_stream_with_its_error<C: Streams>(db: TestD
 /// `into_stream`: a `'static + Send` stream owning its session, consumed
 /// on another task as an HTTP body would be, through `Stream::poll_next`.
 async fn an_owned_stream_is_static<C: Streams>(db: TestDb<C>) {
+    let _shared = MEMORY.read().await;
     use futures_core::Stream;
     let engine = db.engine().await;
     let sql = series_sql::<C>(10_000);
@@ -683,6 +687,7 @@ async fn an_owned_stream_is_static<C: Streams>(db: TestDb<C>) {
 /// let the runtime wake it, not spin on a channel that has batches (it did:
 /// a livelock). A watchdog thread turns a hang into an abort with a message.
 async fn a_consumer_that_never_yields_gets_every_row<C: Streams>(db: TestDb<C>) {
+    let _shared = MEMORY.read().await;
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watched = done.clone();
     std::thread::spawn(move || {
@@ -728,6 +733,7 @@ async fn a_consumer_that_never_yields_gets_every_row<C: Streams>(db: TestDb<C>) 
 /// not: the first at once, the others within `FLUSH_AFTER` (2 ms) of
 /// being sent, never held until a batch fills.
 async fn rows_that_come_slowly_arrive_at_once<C: Streams>(db: TestDb<C>) {
+    let _shared = MEMORY.read().await;
     let engine = db.engine().await;
     let mut session = engine.session();
     let sent_at = Arc::new(Mutex::new(Vec::new()));
@@ -787,6 +793,7 @@ async fn a_query_cut_mid_result_is_not_reused<C: Streams>(db: TestDb<C>)
 where
     SqlQuery: LoadQuery<'static, C, N, <C as StreamingMode>::Mode>,
 {
+    let _shared = MEMORY.read().await;
     const ROWS: u64 = 50_000;
     // One connection: the query after each cut runs where the cut one
     // ran, unless that connection was closed.

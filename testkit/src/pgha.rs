@@ -467,6 +467,18 @@ impl Formation {
         .unwrap_or_else(|e| format!("(monitor: {e})"))
     }
 
+    /// The monitor's last `n` events, newest last (time, node, reported
+    /// and goal states, description): for a failed test to show what the
+    /// formation went through.
+    pub fn events(&self, n: usize) -> String {
+        self.monitor_sql(&[&format!(
+            "SELECT line FROM (SELECT eventid, eventtime::time || ' ' || nodename || ' ' || \
+             reportedstate || ' -> ' || goalstate || ' ' || description AS line \
+             FROM pgautofailover.event ORDER BY eventid DESC LIMIT {n}) e ORDER BY eventid"
+        )])
+        .unwrap_or_else(|e| format!("(monitor events: {e})"))
+    }
+
     fn logs(&self) -> String {
         std::iter::once(&self.monitor)
             .chain(&self.nodes)
