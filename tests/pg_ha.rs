@@ -10,7 +10,11 @@
 //! a unit applied twice shows as two rows) in transactions, records every
 //! write it got acknowledged, and checks afterwards that each one is in the
 //! database exactly once (unacknowledged ones may or may not be there, but
-//! never twice). Each scenario prints `FIGURE pg_ha <scenario>: ...` lines
+//! never twice). Each write scenario starts from a settled formation (one
+//! primary whose commits wait for a synchronous standby, asked of the
+//! server: `Formation::wait_settled`), so a write lost is the library's or
+//! the failover's, never an asynchronous commit left from the scenario
+//! before. Each scenario prints `FIGURE pg_ha <scenario>: ...` lines
 //! with what it measured.
 //!
 //! Every scenario says, in a comment, why it fails on the code before the
@@ -616,6 +620,7 @@ fn pg_ha() {
 // ---------------------------------------------------------------------
 
 fn planned_switchover(rt: &Runtime, f: &mut Formation) {
+    f.wait_settled();
     let engine = connect(rt, &f.url(""), EngineOptions::default().max_size(8));
     let load = Load::start(rt, &engine, 12, "switchover", Mode::Retry, None);
     load.wait_acks(None, 100, Instant::now(), Duration::from_secs(20));
@@ -671,6 +676,7 @@ fn planned_switchover(rt: &Runtime, f: &mut Formation) {
 // ---------------------------------------------------------------------
 
 fn sigkill_of_the_primary(rt: &Runtime, f: &mut Formation) {
+    f.wait_settled();
     let engine = connect(rt, &f.url(""), EngineOptions::default().max_size(8));
     let load = Load::start(rt, &engine, 12, "sigkill", Mode::Retry, None);
     load.wait_acks(None, 100, Instant::now(), Duration::from_secs(20));
@@ -752,6 +758,7 @@ fn sigkill_of_the_primary(rt: &Runtime, f: &mut Formation) {
 fn frozen_primary(rt: &Runtime, f: &mut Formation) {
     let deadline = Duration::from_secs(2);
     let bound = deadline + Duration::from_millis(500);
+    f.wait_settled();
     let engine = connect(rt, &f.url(""), EngineOptions::default().max_size(8));
     let load = Load::start(rt, &engine, 12, "frozen", Mode::Deadline(deadline), None);
     load.wait_acks(None, 100, Instant::now(), Duration::from_secs(20));
@@ -859,7 +866,7 @@ fn read_only_primary(rt: &Runtime, f: &mut Formation) {
     };
     let system_url = format!("postgres://postgres@127.0.0.1:5432/{name}");
     exec(&system_url, WRITES_TABLE);
-    let p = f.primary();
+    let p = f.wait_settled();
     f.psql(p, &format!("CREATE DATABASE {name}")).unwrap();
     let formation_url = node_db_url(f, p, &name);
     exec(&formation_url, WRITES_TABLE);
@@ -961,7 +968,7 @@ fn statement_timeout_setting(conn: &mut PgConnection) -> QueryResult<String> {
 }
 
 fn pgbouncer(rt: &Runtime, f: &mut Formation, dirs: &mut Vec<String>) {
-    let p = f.primary();
+    let p = f.wait_settled();
     f.psql(p, "CREATE DATABASE bouncer").unwrap();
     exec(&node_db_url(f, p, "bouncer"), WRITES_TABLE);
     let bouncer = PgBouncer::start_with("127.0.0.1", f.node_port(p), "bouncer", 2);
@@ -1117,6 +1124,11 @@ fn pgbouncer(rt: &Runtime, f: &mut Formation, dirs: &mut Vec<String>) {
     // node behind PgBouncer (not retryable), and with the statement cache
     // on, a client connection moved to a new server connection met
     // 26000/42P05.
+    assert_eq!(
+        f.wait_settled(),
+        p,
+        "the primary changed before the retarget"
+    );
     let load_f = Load::start(rt, &flagged, 8, "bouncer-retarget", Mode::Retry, None);
     load_f.wait_acks(None, 50, Instant::now(), Duration::from_secs(20));
     let t0 = Instant::now();

@@ -528,14 +528,15 @@ impl Formation {
 
     /// Waits (up to [`TIMEOUT`]) until the monitor reports one node
     /// `primary` and the other `secondary`, both in their assigned state,
-    /// and the primary accepts writes. Returns the primary.
+    /// the primary accepts writes and its commits wait for the standby
+    /// ([`Formation::synchronous`]). Returns the primary.
     pub fn wait_settled(&self) -> usize {
         let mut primary = 0;
-        self.wait_for("one primary and one secondary", || {
+        self.wait_for("one primary and one synchronous secondary", || {
             let states: Vec<_> = (0..NODES).map(|i| self.state(i)).collect();
             let is = |i: usize, s: &str| states[i].as_ref().is_some_and(|(r, g)| r == s && g == s);
             match (0..NODES).find(|&i| is(i, "primary")) {
-                Some(p) if is(1 - p, "secondary") && self.writable(p) => {
+                Some(p) if is(1 - p, "secondary") && self.writable(p) && self.synchronous(p) => {
                     primary = p;
                     true
                 }
@@ -601,6 +602,24 @@ impl Formation {
                     i,
                     "SELECT NOT pg_is_in_recovery() \
                      AND current_setting('default_transaction_read_only') = 'off'",
+                )
+                .is_ok_and(|v| v == "t")
+    }
+
+    /// Whether node `i`'s commits wait for a standby: its
+    /// `synchronous_standby_names` is set and `pg_stat_replication` shows
+    /// a standby streaming as `sync` or `quorum`. The monitor's `primary`
+    /// state says so too, but a commit acknowledged while it is not so is
+    /// lost at the next failover, so a scenario that counts acknowledged
+    /// writes asks the server itself.
+    pub fn synchronous(&self, i: usize) -> bool {
+        !self.nodes[i].frozen
+            && self
+                .psql(
+                    i,
+                    "SELECT current_setting('synchronous_standby_names') <> '' AND EXISTS \
+                     (SELECT 1 FROM pg_stat_replication WHERE state = 'streaming' \
+                     AND sync_state IN ('sync', 'quorum'))",
                 )
                 .is_ok_and(|v| v == "t")
     }
