@@ -8,6 +8,10 @@
 //!   where libpq receives the whole result first;
 //! - `stream-paged` (MySQL only): the producer reads keyset pages of 10,000
 //!   rows in the same transaction, since libmysqlclient buffers each result;
+//! - `sync-iter` (a floor, not an implementation): Diesel's own
+//!   `load_iter` in the same loading mode on a raw connection, rows read on
+//!   the thread that fetches them: no async, no hand-over between threads,
+//!   what the driver does alone;
 //! - `async`: diesel-async's `load_stream` (`AsyncPgConnection`:
 //!   tokio-postgres; `AsyncMysqlConnection`: mysql_async;
 //!   `SyncConnectionWrapper<SqliteConnection>`: it collects every row into a
@@ -17,7 +21,18 @@
 //! `--child`), so its peak resident set (`VmHWM` of `/proc/self/status`) is
 //! its own. The consumer touches every row (sums `id`, `grp` and the length
 //! of `data`); the checksums must agree. Reported per mode: peak RSS, rows/s
-//! (from the query's start to the last row), and time to first row.
+//! (from the query's start to the last row), time to first row, and the
+//! rows/s against `load` and against `async`, as the ratio of the medians
+//! and as the median of each run's ratio (the modes run one after the
+//! other in every run, so a run's ratios share the machine's state).
+//!
+//! The allocator is part of the figure: a stream's rows are allocated on
+//! the producer's thread and freed on the consumer's, which glibc's malloc
+//! serves slowly. The run prints which allocator its processes use; run it
+//! again with `LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2` (or
+//! `libmimalloc.so.2`, Debian's `libjemalloc2` / `libmimalloc2.0`) for the
+//! same figures on another allocator, as a program with
+//! `#[global_allocator]` would have them.
 //!
 //! ```sh
 //! PG_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \
@@ -281,6 +296,22 @@ async fn runsync_stream_paged_mysql(url: &str) -> anyhow::Result<Measure> {
     Ok(measure)
 }
 
+/// `sync-iter`: Diesel's `load_iter` on a raw connection, on this thread.
+fn raw_iter<C, M>(url: &str) -> anyhow::Result<Measure>
+where
+    C: diesel::Connection,
+    M: 'static,
+    RowsQuery: LoadQuery<'static, C, Row, M>,
+{
+    let mut conn = C::establish(url)?;
+    conn.batch_execute("SELECT 1")?;
+    let mut clock = Clock::new();
+    for row in rows_query().load_iter::<Row, M>(&mut conn)? {
+        clock.row(&row?);
+    }
+    Ok(clock.done())
+}
+
 /// Rows per keyset page of `stream-paged`.
 const PAGE: i64 = 10_000;
 
@@ -343,9 +374,9 @@ fn bench_url(backend: &str) -> anyhow::Result<String> {
 /// The modes measured on `backend`.
 fn modes(backend: &str) -> &'static [&'static str] {
     match backend {
-        "postgres" => &["load", "stream", "stream-default", "async"],
-        "mysql" => &["load", "stream", "stream-paged", "async"],
-        _ => &["load", "stream", "async"],
+        "postgres" => &["load", "stream", "stream-default", "sync-iter", "async"],
+        "mysql" => &["load", "stream", "stream-paged", "sync-iter", "async"],
+        _ => &["load", "stream", "sync-iter", "async"],
     }
 }
 
@@ -360,13 +391,16 @@ async fn child(spec: &str) -> anyhow::Result<Measure> {
         ("postgres", "load") => runsync_load::<Pg>(&url).await,
         ("postgres", "stream") => runsync_stream::<Pg, <Pg as StreamingMode>::Mode>(&url).await,
         ("postgres", "stream-default") => runsync_stream::<Pg, Default>(&url).await,
+        ("postgres", "sync-iter") => raw_iter::<Pg, <Pg as StreamingMode>::Mode>(&url),
         ("postgres", "async") => peer::postgres(&url).await,
         ("mysql", "load") => runsync_load::<My>(&url).await,
         ("mysql", "stream") => runsync_stream::<My, <My as StreamingMode>::Mode>(&url).await,
         ("mysql", "stream-paged") => runsync_stream_paged_mysql(&url).await,
+        ("mysql", "sync-iter") => raw_iter::<My, <My as StreamingMode>::Mode>(&url),
         ("mysql", "async") => peer::mysql(&url).await,
         ("sqlite", "load") => runsync_load::<Lite>(&url).await,
         ("sqlite", "stream") => runsync_stream::<Lite, <Lite as StreamingMode>::Mode>(&url).await,
+        ("sqlite", "sync-iter") => raw_iter::<Lite, <Lite as StreamingMode>::Mode>(&url),
         ("sqlite", "async") => peer::sqlite(&url).await,
         _ => bail!("unknown {spec}"),
     }
@@ -499,6 +533,11 @@ fn main() -> anyhow::Result<()> {
         "rows={} runs={} (medians; peak = VmHWM of a fresh process per measurement)",
         args.rows, args.runs
     );
+    let allocator = match std::env::var("LD_PRELOAD") {
+        Ok(preload) if !preload.is_empty() => format!("LD_PRELOAD={preload}"),
+        _ => "glibc malloc (no LD_PRELOAD)".to_owned(),
+    };
+    println!("allocator: {allocator}");
     for backend in &args.backends {
         prepare(backend, args.rows).with_context(|| format!("preparing {backend}"))?;
         let mut results = Vec::new();
@@ -529,6 +568,19 @@ fn main() -> anyhow::Result<()> {
                 runs[i].push(measure);
             }
         }
+        // Each run's ratios to `load` and to diesel-async's `async`, taken
+        // within the run (the modes of one run share the machine's state).
+        let ratios = |i: usize, to: usize| {
+            median(
+                (0..args.runs)
+                    .map(|r| runs[to][r].seconds / runs[i][r].seconds)
+                    .collect(),
+            )
+        };
+        let async_at = modes(backend).iter().position(|m| *m == "async");
+        let within: Vec<(f64, Option<f64>)> = (0..modes(backend).len())
+            .map(|i| (ratios(i, 0), async_at.map(|a| ratios(i, a))))
+            .collect();
         for (mode, measures) in modes(backend).iter().zip(runs) {
             let peak = median(measures.iter().map(|m| m.peak_kib as f64).collect()) / 1024.0;
             let base = median(measures.iter().map(|m| m.baseline_kib as f64).collect()) / 1024.0;
@@ -539,14 +591,16 @@ fn main() -> anyhow::Result<()> {
         let load = results[0];
         println!("\n{backend}:");
         println!(
-            "| mode | peak RSS MiB | before query MiB | rows/s | vs load | first row ms | peak vs load |"
+            "| mode | peak RSS MiB | before query MiB | rows/s | vs load | vs load, per run | vs async, per run | first row ms | peak vs load |"
         );
-        println!("|---|---|---|---|---|---|---|");
-        for (mode, peak, base, seconds, first) in &results {
+        println!("|---|---|---|---|---|---|---|---|---|");
+        for ((mode, peak, base, seconds, first), (to_load, to_async)) in results.iter().zip(&within)
+        {
             let rate = args.rows as f64 / seconds;
             println!(
-                "| {mode} | {peak:.1} | {base:.1} | {rate:.0} | {:.2}x | {:.1} | {:.2} |",
+                "| {mode} | {peak:.1} | {base:.1} | {rate:.0} | {:.2}x | {to_load:.2}x | {} | {:.1} | {:.2} |",
                 (load.3 / seconds),
+                to_async.map_or("-".to_owned(), |r| format!("{r:.2}x")),
                 first * 1e3,
                 peak / load.1
             );
