@@ -259,11 +259,18 @@ where
     // raised). SQLite has no server limit; a short count is enough there.
     for _ in 0..2 {
         let sql = long_statement::<C>(if C::NAME == "sqlite" { 0.05 } else { 0.8 });
+        let started = Instant::now();
         session
             .with_timeout(Duration::from_secs(2))
             .run_sync(move |c| diesel::sql_query(sql).execute(c))
             .await
-            .unwrap_or_else(|e| panic!("{}: under a 2 s deadline: {e}", C::NAME));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: under a 2 s deadline, after {:?}: {e}",
+                    C::NAME,
+                    started.elapsed()
+                )
+            });
     }
     session.commit().await.unwrap();
     // The engine's default applies again to the next call.
