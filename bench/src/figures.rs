@@ -464,6 +464,79 @@ pub async fn inline_load(
     Ok(collect(records, started.elapsed(), pool_size))
 }
 
+/// Diagnostic (`--impls drain`): `pool_size` OS threads, each owning one
+/// raw connection, take units from one FIFO queue and run them back to
+/// back; `clients` tokio tasks queue a unit and await its result. No
+/// checkout and no hop per unit: a thread that finishes a unit takes the
+/// next without sleeping while units wait, so a unit costs its round
+/// trips and one wake-up of the task that queued it. The ceiling of any
+/// design that runs units on blocking connections (no deadline,
+/// cancellation or panic containment: a measure, not a design).
+pub async fn drain_load(
+    url: &str,
+    rows: usize,
+    clients: usize,
+    duration: Duration,
+    pool_size: u32,
+) -> anyhow::Result<Load> {
+    type Job = (i32, tokio::sync::oneshot::Sender<diesel::QueryResult<()>>);
+    struct Queue {
+        jobs: Mutex<(std::collections::VecDeque<Job>, bool)>,
+        queued: Condvar,
+    }
+    let queue = Arc::new(Queue {
+        jobs: Mutex::new((std::collections::VecDeque::new(), false)),
+        queued: Condvar::new(),
+    });
+    let threads: Vec<_> = open_raw(url, pool_size)?
+        .into_iter()
+        .map(|mut conn| {
+            let queue = queue.clone();
+            std::thread::spawn(move || {
+                loop {
+                    let (id, reply) = {
+                        let mut jobs = queue.jobs.lock().expect("queue mutex");
+                        loop {
+                            if let Some(job) = jobs.0.pop_front() {
+                                break job;
+                            }
+                            if jobs.1 {
+                                return;
+                            }
+                            jobs = queue.queued.wait(jobs).expect("queue mutex");
+                        }
+                    };
+                    let _ = reply.send(sync_unit(&mut conn, id, unit_of_work));
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let unit_queue = queue.clone();
+    let records = drive(rows, clients, duration, move |id| {
+        let queue = unit_queue.clone();
+        async move {
+            let (reply, result) = tokio::sync::oneshot::channel();
+            queue
+                .jobs
+                .lock()
+                .expect("queue mutex")
+                .0
+                .push_back((id, reply));
+            queue.queued.notify_one();
+            result.await.expect("a drain thread panicked")
+        }
+    })
+    .await;
+    let elapsed = started.elapsed();
+    queue.jobs.lock().expect("queue mutex").1 = true;
+    queue.queued.notify_all();
+    for thread in threads {
+        thread.join().expect("a drain thread panicked");
+    }
+    Ok(collect(records, elapsed, pool_size))
+}
+
 /// Sync Diesel without tokio: `clients` OS threads sharing `pool_size` raw
 /// connections (opened before the clock starts) through a blocking pool
 /// (a mutex and a condition variable, as r2d2 does it), each running the

@@ -250,6 +250,10 @@ pub enum Impl {
     /// thread: a unit with no hop to the blocking pool and back.
     #[value(name = "inline")]
     Inline,
+    /// Diagnostic, load only: `--pool-size` threads, each owning a raw
+    /// connection, running queued units back to back (no checkout, no hop).
+    #[value(name = "drain")]
+    Drain,
 }
 
 impl Impl {
@@ -265,6 +269,7 @@ impl Impl {
             Impl::SyncThread => "sync-thread",
             Impl::SyncBlocking => "sync-blocking",
             Impl::Inline => "inline",
+            Impl::Drain => "drain",
         }
     }
 }
@@ -421,6 +426,7 @@ fn workload(
     let families = Arc::new(workload_families(n));
     let counter = Counter::default();
     let mut impls = cli.impls.clone();
+    impls.retain(|&imp| imp != Impl::Drain); // a load figure only
     impls.sort();
     impls.dedup();
     // (impl, phase) -> per-run values.
@@ -508,6 +514,7 @@ fn workload(
                             sync_impls::sync(&url, n, &families, &counter)
                         }))??
                 }
+                Impl::Drain => unreachable!("drain is left out of W(N) above"),
                 Impl::Inline => {
                     let (url, families, counter) =
                         (url.to_owned(), families.clone(), counter.clone());
@@ -885,6 +892,8 @@ enum Loader {
     Sqlx,
     /// Diagnostic: units inside `block_in_place` (`--impls inline`).
     Inline,
+    /// Diagnostic: units queued to connection-owning threads (`--impls drain`).
+    Drain,
     /// pgbench with one connection per client (at most --pgbench-max-clients).
     Pgbench,
     /// pgbench with the pools' connection count (for C above it).
@@ -1025,6 +1034,7 @@ fn concurrency(
             Impl::Deadpool => Loader::Deadpool,
             Impl::Sqlx => Loader::Sqlx,
             Impl::Inline => Loader::Inline,
+            Impl::Drain => Loader::Drain,
             Impl::SyncThread | Impl::SyncBlocking => continue,
         };
         if !loaders.contains(&loader) {
@@ -1111,6 +1121,12 @@ fn concurrency(
                             url, cli.rows, clients, duration, size,
                         ))?;
                         (LoadFigures::from_load("inline", &load), load.first_error)
+                    }
+                    Loader::Drain => {
+                        let load = runtime.block_on(figures::drain_load(
+                            url, cli.rows, clients, duration, size,
+                        ))?;
+                        (LoadFigures::from_load("drain", &load), load.first_error)
                     }
                     Loader::DieselAsync => {
                         let load = runtime.block_on(figures::diesel_async_load(
