@@ -84,13 +84,13 @@ def main(paths):
             print("|---|---|---:|---:|---:|---|")
             print("\n".join(rows))
     if floors:
-        print("\n#### The floor: lazy time per statement / pgbench's (same runs)\n")
-        print("| backend | N | impl | lazy µs per statement | pgbench µs per statement | median of run ratios | runs |")
+        print("\n#### The floor: lazy time per statement / the floor's (pgbench, mysql_floor; same runs)\n")
+        print("| backend | N | impl | lazy µs per statement | floor µs per statement | median of run ratios | runs |")
         print("|---|---:|---|---:|---:|---:|---:|")
         for f in floors:
             print(
                 f"| {f['backend']} | {f['n']:,} | {f['impl']} | {f['lazy_us_per_statement']:.1f} | "
-                f"{f['pgbench_us_per_statement']:.1f} | {f['median_of_run_ratios']:.3f} | {f['runs']} |"
+                f"{f.get('floor_us_per_statement', f.get('pgbench_us_per_statement')):.1f} | {f['median_of_run_ratios']:.3f} | {f['runs']} |"
             )
     if loads:
         print("\n#### Load: units of work per second, p50 / p99 latency (µs), failures\n")

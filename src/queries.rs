@@ -267,70 +267,59 @@ struct BatchIds {
 }
 
 /// MySQL has no `RETURNING`. Under `innodb_autoinc_lock_mode` 0 or 1
-/// (MariaDB's default) one statement's rows get consecutive ids (by
-/// `auto_increment_increment`) from `LAST_INSERT_ID()` on, so a batch is
-/// one `INSERT ... SELECT` plus one `SELECT`, the same two statements
-/// whatever the batch size. Under mode 2 (required by Galera Cluster)
-/// concurrent inserts interleave their ids, and no arithmetic can name a
-/// batch's rows: the batch's statement inserts nothing there (its
-/// `WHERE` reads the mode on the server, so no statement is spent asking
-/// first), and each row goes in its own `INSERT` followed by
-/// `LAST_INSERT_ID()`, the id the server gave that row.
+/// (MariaDB's default) the rows of one multi-row `INSERT` get consecutive
+/// ids (by `auto_increment_increment`) from `LAST_INSERT_ID()` on, so a
+/// batch is the mode read, one `INSERT ... VALUES` and one `SELECT`,
+/// three statements whatever the batch size. Under mode 2 (required by
+/// Galera Cluster) concurrent inserts interleave their ids, and no
+/// arithmetic can name a batch's rows: each row goes in its own `INSERT`
+/// followed by `LAST_INSERT_ID()`, the id the server gave that row. The
+/// mode is read before each batch (a server setting that changes only
+/// with a restart, which also ends the connection), not cached: a
+/// connection may be to any node of a pool's hosts.
 #[cfg(feature = "mysql")]
 fn mysql_insert_parents(
     conn: &mut MysqlConnection,
     rows: &[NewA<'_>],
 ) -> Result<Vec<i32>, DemoError> {
-    use diesel::sql_types::{Nullable, Text};
+    #[derive(QueryableByName)]
+    struct LockMode {
+        #[diesel(sql_type = BigInt)]
+        lock_mode: i64,
+    }
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    // `ORDER BY n` fixes the order ids are given in; `INSERT ... SELECT`
-    // holds the table's AUTO-INC lock to its end under modes 0 and 1.
-    let mut sql = String::with_capacity(40 * rows.len() + 160);
-    sql.push_str("INSERT INTO a (data) SELECT d FROM (");
-    for i in 0..rows.len() {
-        if i == 0 {
-            sql.push_str("SELECT 0 AS n, ? AS d");
-        } else {
-            sql.push_str(&format!(" UNION ALL SELECT {i}, ?"));
-        }
-    }
-    sql.push_str(") AS batch WHERE @@innodb_autoinc_lock_mode <> 2 ORDER BY n");
-    let mut insert = diesel::sql_query(sql).into_boxed();
-    for row in rows {
-        insert = insert.bind::<Nullable<Text>, _>(row.data);
-    }
-    let inserted = insert.execute(conn)?;
-    let batch: BatchIds = diesel::sql_query(
-        "SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS first_id, \
+    const LAST_IDS: &str = "SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS first_id, \
          CAST(@@auto_increment_increment AS SIGNED) AS step, \
-         CAST(@@innodb_autoinc_lock_mode AS SIGNED) AS lock_mode",
-    )
-    .get_result(conn)?;
+         CAST(@@innodb_autoinc_lock_mode AS SIGNED) AS lock_mode";
     let to_id = |id: i64| {
         i32::try_from(id).map_err(|_| DemoError::Check("an id does not fit in INTEGER".into()))
     };
-    if batch.lock_mode != 2 && inserted == rows.len() {
+    let mode: LockMode =
+        diesel::sql_query("SELECT CAST(@@innodb_autoinc_lock_mode AS SIGNED) AS lock_mode")
+            .get_result(conn)?;
+    if mode.lock_mode != 2 {
+        // A plain multi-row INSERT: the `INSERT ... SELECT` over a
+        // 1,000-way `UNION ALL` that this replaced took twice as long on
+        // MariaDB 10.11 (BENCHMARKS.md, "W(10,000) on MySQL").
+        let inserted = diesel::insert_into(a::table).values(rows).execute(conn)?;
+        let batch: BatchIds = diesel::sql_query(LAST_IDS).get_result(conn)?;
+        if inserted != rows.len() || batch.lock_mode == 2 {
+            return Err(DemoError::Check(format!(
+                "a batch of {} parents inserted {inserted} rows under innodb_autoinc_lock_mode {}",
+                rows.len(),
+                batch.lock_mode
+            )));
+        }
         return (0..rows.len() as i64)
             .map(|i| to_id(batch.first_id + i * batch.step))
             .collect();
     }
-    if batch.lock_mode != 2 || inserted != 0 {
-        return Err(DemoError::Check(format!(
-            "a batch of {} parents inserted {inserted} rows",
-            rows.len()
-        )));
-    }
     rows.iter()
         .map(|row| {
             diesel::insert_into(a::table).values(row).execute(conn)?;
-            let last: BatchIds = diesel::sql_query(
-                "SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS first_id, \
-                 CAST(@@auto_increment_increment AS SIGNED) AS step, \
-                 CAST(@@innodb_autoinc_lock_mode AS SIGNED) AS lock_mode",
-            )
-            .get_result(conn)?;
+            let last: BatchIds = diesel::sql_query(LAST_IDS).get_result(conn)?;
             to_id(last.first_id)
         })
         .collect()

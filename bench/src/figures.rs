@@ -661,6 +661,56 @@ fn pgbench_figure(stdout: &str, prefix: &str) -> Option<f64> {
         .and_then(|v| v.parse::<f64>().ok())
 }
 
+/// The MySQL/MariaDB floor: `tool` (bench/floor/mysql_floor.c, built by
+/// bench/mysql_floor.sh) runs the lazy phase's child SELECT `count` times
+/// on one connection of the C client library, prepared once, keys random
+/// in 1..=rows. Returns its microseconds per statement and the command
+/// (without the password, which it is given in `MYSQL_PWD`).
+pub fn mysql_floor(
+    tool: &str,
+    url: &str,
+    rows: usize,
+    count: usize,
+) -> anyhow::Result<(f64, String)> {
+    let rest = url
+        .strip_prefix("mysql://")
+        .with_context(|| "the MySQL floor needs a mysql:// URL")?;
+    let rest = rest.split('?').next().unwrap_or(rest);
+    let (credentials, rest) = rest.rsplit_once('@').unwrap_or(("root", rest));
+    let (user, password) = credentials.split_once(':').unwrap_or((credentials, ""));
+    let (address, database) = rest
+        .split_once('/')
+        .with_context(|| "the MySQL floor's URL names no database")?;
+    let (host, port) = address.split_once(':').unwrap_or((address, "3306"));
+    let args = [
+        host,
+        port,
+        user,
+        database,
+        &rows.to_string(),
+        &count.to_string(),
+    ]
+    .map(String::from);
+    let command = format!("{tool} {}", args.join(" "));
+    let output = std::process::Command::new(tool)
+        .args(&args)
+        .env("MYSQL_PWD", password)
+        .output()
+        .with_context(|| format!("running {tool} (build it with bench/mysql_floor.sh)"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(
+        output.status.success(),
+        "{command} failed: {}{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let us = stdout
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" us per statement\n"))
+        .and_then(|v| v.parse::<f64>().ok())
+        .with_context(|| format!("no 'us per statement' in {tool}'s output: {stdout}"))?;
+    Ok((us, command))
+}
+
 /// pgbench's single-client latency for the lazy phase's child SELECT
 /// (`-M prepared`, keys random in 1..=rows, `transactions` of them):
 /// the round-trip floor. `None` without a pgbench binary.

@@ -15,7 +15,8 @@
 //!
 //! On PostgreSQL each run also measures the round-trip floor: pgbench's
 //! single-client latency (`-M prepared`) for the lazy phase's child SELECT,
-//! beside the lazy phase's time per statement.
+//! beside the lazy phase's time per statement; on MySQL/MariaDB the same
+//! with `--mysql-floor` (the C client library alone, `bench/floor/`).
 //!
 //! Prints one JSON line per phase per implementation per run, then summary
 //! lines (medians, ratios from the same runs). `--micro` adds round-trip
@@ -154,9 +155,15 @@ struct Cli {
     #[arg(long, default_value_t = 64)]
     pgbench_max_clients: usize,
 
-    /// Skip the round-trip floor (pgbench) in the W(N) runs on PostgreSQL.
+    /// Skip the round-trip floor (pgbench, --mysql-floor) in the W(N) runs.
     #[arg(long)]
     no_floor: bool,
+
+    /// The MySQL/MariaDB floor's binary (`bench/mysql_floor.sh` builds it
+    /// and prints its path): the lazy phase's child SELECT on the C client
+    /// library alone, run beside each W(N) run on MySQL ("" to skip).
+    #[arg(long, default_value = "")]
+    mysql_floor: String,
 
     /// Print the process's peak RSS (VmHWM) at the end.
     #[arg(long)]
@@ -434,7 +441,12 @@ fn workload(
     let mut queries: BTreeMap<(Impl, &'static str), Vec<u64>> = BTreeMap::new();
     // The floor: pgbench's µs per child SELECT, and each implementation's
     // lazy µs per statement, run by run.
-    let floor_enabled = backend == Backend::Postgres && !cli.pgbench.is_empty() && !cli.no_floor;
+    let floor_tool = match backend {
+        Backend::Postgres => cli.pgbench.as_str(),
+        Backend::Mysql => cli.mysql_floor.as_str(),
+        Backend::Sqlite => "",
+    };
+    let floor_enabled = !floor_tool.is_empty() && !cli.no_floor;
     let mut floor_us: Vec<f64> = Vec::new();
     let mut floor_command = String::new();
     let mut lazy_us: BTreeMap<Impl, Vec<f64>> = BTreeMap::new();
@@ -458,14 +470,19 @@ fn workload(
                     // floor never goes first in run 0; later runs find the
                     // previous run's rows).
                     let transactions = (n + 3).max(500);
-                    match figures::pgbench_floor(&cli.pgbench, url, n, transactions)? {
+                    let measured = if backend == Backend::Mysql {
+                        Some(figures::mysql_floor(floor_tool, url, n, transactions)?)
+                    } else {
+                        figures::pgbench_floor(floor_tool, url, n, transactions)?
+                    };
+                    match measured {
                         Some((us, command)) => {
                             run_floor = Some(us);
                             floor_command = command;
                         }
                         None => {
                             if run == 0 {
-                                eprintln!("floor: no {} binary; skipped", cli.pgbench);
+                                eprintln!("floor: no {floor_tool} binary; skipped");
                             }
                         }
                     }
@@ -594,7 +611,7 @@ fn workload(
         if let (true, Some(floor)) = (recorded, run_floor) {
             writeln!(
                 out,
-                "{{\"summary\": \"floor_run\", \"n\": {n}, \"backend\": \"{}\", \"pgbench_us_per_statement\": {floor:.3}, \"run\": {}}}",
+                "{{\"summary\": \"floor_run\", \"n\": {n}, \"backend\": \"{}\", \"floor_us_per_statement\": {floor:.3}, \"run\": {}}}",
                 backend.name(),
                 run - cli.warmup
             )?;
@@ -679,11 +696,15 @@ fn workload(
         }
     }
 
-    // The floor: lazy time per statement / pgbench's, run by run.
+    // The floor: lazy time per statement / the floor's, run by run.
     if !floor_us.is_empty() {
         let floor = median(&floor_us);
+        let (tool, how) = match backend {
+            Backend::Mysql => ("mysql_floor", "the C client library, prepared"),
+            _ => ("pgbench", "pgbench -M prepared"),
+        };
         report.lines.push(format!(
-            "floor {} N={n}: pgbench -M prepared, 1 client, child SELECT: median {floor:.1} us per statement (runs: {})   [{floor_command}]",
+            "floor {} N={n}: {how}, 1 client, child SELECT: median {floor:.1} us per statement (runs: {})   [{floor_command}]",
             backend.name(),
             floor_us
                 .iter()
@@ -697,13 +718,13 @@ fn workload(
             let of_runs = median(ratios);
             writeln!(
                 out,
-                "{{\"summary\": \"floor\", \"n\": {n}, \"backend\": \"{}\", \"impl\": \"{}\", \"lazy_us_per_statement\": {lazy:.3}, \"pgbench_us_per_statement\": {floor:.3}, \"median_of_run_ratios\": {of_runs:.4}, \"runs\": {}}}",
+                "{{\"summary\": \"floor\", \"n\": {n}, \"backend\": \"{}\", \"impl\": \"{}\", \"floor_tool\": \"{tool}\", \"lazy_us_per_statement\": {lazy:.3}, \"floor_us_per_statement\": {floor:.3}, \"median_of_run_ratios\": {of_runs:.4}, \"runs\": {}}}",
                 backend.name(),
                 imp.name(),
                 ratios.len()
             )?;
             report.lines.push(format!(
-                "floor {} N={n}: {:<13} lazy {lazy:>7.1} us per statement; / pgbench's: median of run ratios {of_runs:.3} (runs: {})",
+                "floor {} N={n}: {:<13} lazy {lazy:>7.1} us per statement; / {tool}'s: median of run ratios {of_runs:.3} (runs: {})",
                 backend.name(),
                 imp.name(),
                 ratios
