@@ -469,9 +469,10 @@ pub async fn inline_load(
 /// back; `clients` tokio tasks queue a unit and await its result. No
 /// checkout and no hop per unit: a thread that finishes a unit takes the
 /// next without sleeping while units wait, so a unit costs its round
-/// trips and one wake-up of the task that queued it. The ceiling of any
-/// design that runs units on blocking connections (no deadline,
-/// cancellation or panic containment: a measure, not a design).
+/// trips and one wake-up of the task that queued it: what a design that
+/// runs units on blocking connections reaches without a hand-over per
+/// unit (no deadline, cancellation or panic containment: a measure, not
+/// a design).
 pub async fn drain_load(
     url: &str,
     rows: usize,
