@@ -62,7 +62,6 @@ int main(int argc, char **argv) {
     int id = 0, a_id = 0;
     char data[4096];
     unsigned long data_length = 0;
-    my_bool data_null = 0, data_error = 0;
     MYSQL_BIND out[3];
     memset(out, 0, sizeof out);
     out[0].buffer_type = MYSQL_TYPE_LONG;
@@ -73,8 +72,8 @@ int main(int argc, char **argv) {
     out[2].buffer = data;
     out[2].buffer_length = sizeof data;
     out[2].length = &data_length;
-    out[2].is_null = &data_null;
-    out[2].error = &data_error;
+    /* is_null and error left NULL: the library keeps them in the bind
+     * itself (their type is my_bool in libmariadb, bool in MySQL 8's). */
     if (mysql_stmt_bind_result(stmt, out)) {
         die("bind_result", mysql_stmt_error(stmt));
     }
