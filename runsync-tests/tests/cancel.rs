@@ -452,6 +452,54 @@ fn connection_gone_text(message: &str) -> bool {
     .any(|m| message.contains(m))
 }
 
+/// An `Engine::transaction` that waited for the busy engine's only
+/// connection, then runs a long statement on it (the thread that finished
+/// the one before took it): dropping its future stops the statement on the
+/// server, as for any running operation.
+async fn a_dropped_transaction_that_waited_for_its_connection_stops_on_the_server<C: TestBackend>(
+    db: TestDb<C>,
+) where
+    SqlQuery: QueryFragment<C::Backend>,
+{
+    db.create_schema().await;
+    let engine = db.engine_with(EngineOptions::default().max_size(1)).await;
+    let first = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            engine
+                .transaction(|c| {
+                    std::thread::sleep(Duration::from_millis(200));
+                    common::count_rows(c)
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let sql = long_statement::<C>(3.0);
+    let cut = tokio::time::timeout(
+        Duration::from_millis(600),
+        engine.transaction(move |c| diesel::sql_query(sql).execute(c)),
+    )
+    .await;
+    assert!(
+        cut.is_err(),
+        "{}: the long statement finished early",
+        C::NAME
+    );
+    let dropped = Instant::now();
+    first.await.unwrap().unwrap();
+    settle(&engine).await;
+    let took = dropped.elapsed();
+    assert!(
+        took < STOPPED_EARLY,
+        "{}: the connection came back {took:?} after the drop",
+        C::NAME
+    );
+    assert_eq!(long_statements_running(&db).await, 0, "{}", C::NAME);
+    assert_eq!(db.open_transactions().await, 0, "{}", C::NAME);
+    engine.transaction(common::count_rows).await.unwrap();
+}
+
 mod current {
     use super::*;
     use crate::common::per_backend;
@@ -471,6 +519,10 @@ mod multi {
     per_backend!(a_dropped_statement_returns_its_connection, multi_thread);
     per_backend!(the_engine_deadline_times_out, multi_thread);
     per_backend!(a_per_call_deadline_overrides_the_engine, multi_thread);
+    per_backend!(
+        a_dropped_transaction_that_waited_for_its_connection_stops_on_the_server,
+        multi_thread
+    );
 }
 
 /// One line of the figures RELIABILITY.md quotes.

@@ -14,7 +14,7 @@ use common::{
     per_backend, poll_at_most, settle, unit,
 };
 use diesel::result::QueryResult;
-use diesel_runsync::{EngineOptions, Error};
+use diesel_runsync::{EngineOptions, Error, PoolEvent};
 
 /// The facade error a `QueryResult` closure's failure carries.
 fn facade<T: std::fmt::Debug>(result: QueryResult<T>) -> Error {
@@ -455,6 +455,178 @@ async fn checkouts_are_served_first_come_first_served<C: TestBackend>(db: TestDb
     assert!(
         waited_for <= 3,
         "{}: the waiting task let {waited_for} later checkouts pass it",
+        db.backend()
+    );
+}
+
+per_backend!(
+    queued_transactions_dropped_or_out_of_time_never_run,
+    multi_thread
+);
+/// An `Engine::transaction` that finds the engine's connections busy waits
+/// in its queue: dropped there, or out of time there (its deadline, the
+/// connection timeout), it returns at once and never runs; the engine goes
+/// on.
+async fn queued_transactions_dropped_or_out_of_time_never_run<C: TestBackend>(db: TestDb<C>) {
+    db.create_schema().await;
+    let ms = Duration::from_millis;
+    for deadline in [true, false] {
+        let options = EngineOptions::default().max_size(1);
+        let options = if deadline {
+            options.statement_timeout(Some(ms(200)))
+        } else {
+            options.connection_timeout(ms(200))
+        };
+        let engine = db.engine_with(options).await;
+        let units_before = db.units().await;
+        // A session holds the only connection, its transaction open.
+        let mut holder = engine.session();
+        holder.run_sync(count_rows).await.unwrap();
+
+        let u = next_unit();
+        let dropped =
+            tokio::time::timeout(ms(50), engine.transaction(move |c| insert_unit(c, u))).await;
+        assert!(dropped.is_err(), "{}: it could not run", db.backend());
+
+        let u = next_unit();
+        let asked = Instant::now();
+        let error = facade(engine.transaction(move |c| insert_unit(c, u)).await);
+        let took = asked.elapsed();
+        match (deadline, &error) {
+            (true, Error::Timeout(limit)) => assert_eq!(*limit, ms(200)),
+            (false, Error::PoolTimeout(limit)) => assert_eq!(*limit, ms(200)),
+            _ => panic!("{}: deadline {deadline}: {error:?}", db.backend()),
+        }
+        assert!(took < ms(1500), "{}: returned after {took:?}", db.backend());
+
+        holder.rollback().await.unwrap();
+        settle(&engine).await;
+        // Time for a unit that was wrongly left queued to run.
+        engine.transaction(count_rows).await.unwrap();
+        tokio::time::sleep(ms(100)).await;
+        assert_eq!(
+            db.units().await,
+            units_before,
+            "{}: deadline {deadline}",
+            db.backend()
+        );
+        let u = next_unit();
+        engine
+            .transaction(move |c| insert_unit(c, u))
+            .await
+            .unwrap();
+        assert_eq!(db.units().await, units_before + 1, "{}", db.backend());
+        assert_eq!(db.open_transactions().await, 0, "{}", db.backend());
+    }
+}
+
+per_backend!(
+    a_busy_engine_serves_queued_transactions_back_to_back,
+    multi_thread
+);
+/// 16 tasks over 2 connections: the transactions that wait are taken, one
+/// after the other, by the blocking thread that finishes one, on the
+/// connection it holds, not each after a checkout of its own; every one
+/// commits.
+async fn a_busy_engine_serves_queued_transactions_back_to_back<C: TestBackend>(db: TestDb<C>) {
+    db.create_schema().await;
+    let checkouts = Arc::new(AtomicUsize::new(0));
+    let counted = checkouts.clone();
+    let options = EngineOptions::default()
+        .max_size(2)
+        .on_pool_event(move |event| {
+            if event == PoolEvent::Checkout {
+                counted.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    let engine = db.engine_with(options).await;
+    let before = checkouts.load(Ordering::Relaxed);
+    let (tasks, rounds) = (16, 25);
+    let running: Vec<_> = (0..tasks)
+        .map(|_| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                for _ in 0..rounds {
+                    let u = next_unit();
+                    engine
+                        .transaction(move |c| insert_unit(c, u))
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in running {
+        task.await.unwrap();
+    }
+    let units = (tasks * rounds) as i64;
+    assert_eq!(db.units().await, units, "{}", db.backend());
+    assert_eq!(db.partial_units().await, 0, "{}", db.backend());
+    let checked_out = checkouts.load(Ordering::Relaxed) - before;
+    eprintln!(
+        "{}: {units} transactions, {checked_out} checkouts",
+        db.backend()
+    );
+    assert!(
+        (checked_out as i64) < units / 2,
+        "{}: {checked_out} checkouts for {units} transactions",
+        db.backend()
+    );
+    settle(&engine).await;
+}
+
+per_backend!(
+    a_session_gets_its_turn_while_transactions_keep_the_engine_busy,
+    multi_thread
+);
+/// Queued transactions served back to back do not starve a session: once
+/// it waits for a connection, the thread that finishes a transaction hands
+/// its connection back instead of taking the next one, and the session is
+/// served in its turn.
+async fn a_session_gets_its_turn_while_transactions_keep_the_engine_busy<C: TestBackend>(
+    db: TestDb<C>,
+) {
+    db.create_schema().await;
+    let engine = db.engine_with(EngineOptions::default().max_size(1)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy: Vec<_> = (0..8)
+        .map(|_| {
+            let (engine, stop) = (engine.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    engine
+                        .transaction(|c| {
+                            std::thread::sleep(Duration::from_millis(1));
+                            count_rows(c)
+                        })
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut waits = Vec::new();
+    for _ in 0..5 {
+        let asked = Instant::now();
+        let mut session = engine.session();
+        session.run_sync(count_rows).await.unwrap();
+        waits.push(asked.elapsed());
+        session.commit().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in busy {
+        task.await.unwrap();
+    }
+    // Seven transactions of 1 ms ahead of it at most (it is served in its
+    // turn); a thread that kept serving the queue would hold it back for
+    // up to `SERVE_FOR` (100 ms) at a time.
+    waits.sort_unstable();
+    let median = waits[waits.len() / 2];
+    assert!(
+        median < Duration::from_millis(50),
+        "{}: a session waited {waits:?}",
         db.backend()
     );
 }

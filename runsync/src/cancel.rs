@@ -75,7 +75,7 @@
 //! and the pool replaces the connection. The side-connection work runs on
 //! tokio's blocking pool, never on an async worker.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The error a [`Canceller`] reports when it could not deliver a cancel.
@@ -273,7 +273,9 @@ struct Shared {
 pub(crate) struct OpWatch {
     shared: Mutex<Shared>,
     delivered: Condvar,
-    canceller: Option<Canceller>,
+    /// The connection's canceller: given when the watch is made, or bound
+    /// ([`OpWatch::bind`]) when a queued unit gets its connection.
+    canceller: OnceLock<Canceller>,
     /// Counts the cancels and terminations sent (`db.runsync.cancels`).
     observe: Option<Arc<crate::observe::Observe>>,
 }
@@ -298,13 +300,22 @@ impl OpWatch {
                 terminated: false,
             }),
             delivered: Condvar::new(),
-            canceller,
+            canceller: canceller.map(OnceLock::from).unwrap_or_default(),
             observe,
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Binds the canceller of the connection the operation got, for a
+    /// watch made before it had one (a unit queued for a busy engine).
+    /// Called before [`enter`](Self::enter), on the thread that runs it.
+    pub(crate) fn bind(&self, canceller: Option<Canceller>) {
+        if let Some(canceller) = canceller {
+            let _ = self.canceller.set(canceller);
+        }
     }
 
     /// Why the operation was cancelled, if it was.
@@ -322,7 +333,7 @@ impl OpWatch {
             shared.phase = Phase::After;
             return false;
         }
-        if let Some(canceller) = &self.canceller {
+        if let Some(canceller) = self.canceller.get() {
             // No cancel of this operation can be under way yet (none is
             // delivered before `User`), and one of an earlier operation is
             // over (its `leave` waited for it).
@@ -348,7 +359,7 @@ impl OpWatch {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        if let Some(canceller) = &self.canceller {
+        if let Some(canceller) = self.canceller.get() {
             canceller.reset();
         }
         shared.reason
@@ -367,7 +378,7 @@ impl OpWatch {
             shared.reason.get_or_insert(reason);
             shared.phase == Phase::User
         };
-        if running && self.canceller.is_some() {
+        if running && self.canceller.get().is_some() {
             let watch = self.clone();
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => {
@@ -405,7 +416,7 @@ impl OpWatch {
     /// Delivers one cancel request if the closure is still running.
     /// Blocking. Returns whether the closure was running.
     fn deliver(&self) -> bool {
-        let Some(canceller) = &self.canceller else {
+        let Some(canceller) = self.canceller.get() else {
             return false;
         };
         let terminate = {

@@ -16,6 +16,9 @@ use crate::observe::{Observe, PoolEvent, PoolEventHook};
 use crate::session::AsyncSession;
 use crate::url::DatabaseUrl;
 
+mod dispatch;
+pub(crate) use dispatch::Unit;
+
 /// A pooled connection checked out of an engine, with its turn at the gate.
 ///
 /// Fields drop in order: the connection goes back to the pool first, then
@@ -373,6 +376,13 @@ struct Shared<C: PoolableConnection> {
     gate: Arc<Semaphore>,
     /// [`EngineOptions::run_inline`].
     inline: bool,
+    /// `Engine::transaction` units waiting for a connection (the
+    /// `dispatch` module).
+    units: dispatch::Queue<C>,
+    /// Checkouts waiting at the gate (sessions, `run_inline` calls): while
+    /// one waits, a blocking thread that finishes a unit returns its
+    /// connection instead of taking the next queued unit.
+    waiting_checkouts: std::sync::atomic::AtomicUsize,
 }
 
 impl<C: PoolableConnection> Clone for Engine<C> {
@@ -451,6 +461,8 @@ impl<C: PoolableConnection> Engine<C> {
                 connect_errors,
                 observe,
                 gate: Arc::new(Semaphore::new(max_size as usize)),
+                units: dispatch::Queue::default(),
+                waiting_checkouts: Default::default(),
             }),
         };
         drop(engine.checkout().await?);
@@ -476,6 +488,12 @@ impl<C: PoolableConnection> Engine<C> {
     /// ([`EngineOptions::run_inline`]).
     pub(crate) fn runs_inline(&self) -> bool {
         self.shared.inline
+    }
+
+    /// How long a checkout waits for a connection
+    /// ([`EngineOptions::connection_timeout`]).
+    pub(crate) fn connection_timeout(&self) -> Duration {
+        self.shared.connection_timeout
     }
 
     /// The default deadline of `run_sync` calls
@@ -506,6 +524,13 @@ impl<C: PoolableConnection> Engine<C> {
     /// session's [`AsyncSession::run_sync_and_commit`]). An error or panic in
     /// `f` rolls it back and is returned. Unlike [`AsyncSession::run_sync`],
     /// nothing is left for a later `commit()`.
+    ///
+    /// When every connection is busy, the unit waits in the engine's queue
+    /// (first come, first served), and the blocking thread that finishes a
+    /// unit runs the next one with the connection it holds: no checkout and
+    /// no hop between them. A unit dropped, or out of time (its deadline,
+    /// the connection timeout), while it waits never runs; sessions waiting
+    /// for a connection are served in their turn.
     pub fn transaction<R, E, F>(&self, f: F) -> impl Future<Output = Result<R, E>>
     where
         F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
@@ -535,19 +560,33 @@ impl<C: PoolableConnection> Engine<C> {
     /// then takes an idle connection or opens one, failing at once if
     /// opening one fails, and with [`Error::PoolTimeout`] after the
     /// connection timeout in all.
-    pub(crate) async fn checkout(&self) -> Result<Pooled<C>, Error> {
+    pub(crate) fn checkout(&self) -> impl Future<Output = Result<Pooled<C>, Error>> + '_ {
+        self.checkout_with(None)
+    }
+
+    /// [`checkout`](Self::checkout), with the `turn` at the gate already
+    /// taken when given.
+    pub(crate) async fn checkout_with(
+        &self,
+        turn: Option<OwnedSemaphorePermit>,
+    ) -> Result<Pooled<C>, Error> {
         let watch = self.shared.observe.checkout_started();
         let timeout = self.shared.connection_timeout;
         // One `async` layer for the whole checkout, and the connection
         // handed out as built: each layer or move copies it once more.
         tokio::time::timeout(timeout, async {
-            let turn = self
-                .shared
-                .gate
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| Error::ConnectionLost)?;
+            let turn = match turn {
+                Some(turn) => turn,
+                None => {
+                    let _waiting = WaitingCheckout::new(&self.shared.waiting_checkouts);
+                    self.shared
+                        .gate
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| Error::ConnectionLost)?
+                }
+            };
             let mut failures = self.shared.connect_errors.subscribe();
             let inner = tokio::select! {
                 biased;
@@ -581,5 +620,21 @@ impl<C: PoolableConnection> Engine<C> {
         .await
         .unwrap_or(Err(Error::PoolTimeout(timeout)))
         .inspect_err(|e| watch.ended(Err(e)))
+    }
+}
+
+/// Counts a checkout waiting at the gate while it lives.
+struct WaitingCheckout<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> WaitingCheckout<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        WaitingCheckout(count)
+    }
+}
+
+impl Drop for WaitingCheckout<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }

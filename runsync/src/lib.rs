@@ -82,7 +82,9 @@
 //!   retired; the hooks that cancel a statement, set a server-side timeout
 //!   ([`TimeoutScope`]) and locate a write ([`WritePosition`]).
 //! - `engine` — [`Engine`] and [`EngineOptions`]: the pool, fair checkout,
-//!   [`Engine::transaction`].
+//!   [`Engine::transaction`]; `engine::dispatch`: transactions that wait
+//!   for a busy engine, queued and run back to back by the blocking thread
+//!   that holds a connection.
 //! - `session` — [`AsyncSession`]: `run_sync`, `begin`, `commit`, `rollback`,
 //!   `transaction`, deadlines ([`AsyncSession::with_timeout`]), and how
 //!   cancellation and panics are contained; a connection that does not come

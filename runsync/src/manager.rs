@@ -575,7 +575,7 @@ impl<C: PoolableConnection> Slot<C> {
     /// transaction open or its transaction manager broken, or with a MySQL
     /// statement interrupted (its cached prepared statement would hang) or
     /// its Galera node not serving.
-    fn is_unusable(&mut self) -> bool {
+    pub(crate) fn is_unusable(&mut self) -> bool {
         if self.retire.load(Ordering::Acquire) != 0 {
             return true;
         }

@@ -32,8 +32,8 @@
 //! | `db.operation.name` | `run_sync`, `run_sync_and_commit`, `transaction`, `stream`, `commit`, `rollback`, `transaction_with_retry` |
 //! | `db.client.connection.pool.name` | [`EngineOptions::pool_name`](crate::EngineOptions::pool_name) |
 //! | `server.address`, `server.port` | the URL's first host and its port (not for SQLite) |
-//! | `db.runsync.pool_wait_ms` | waiting for a pooled connection (0 when the session held one) |
-//! | `db.runsync.queue_wait_ms` | waiting in tokio's blocking queue, from `spawn_blocking` to the task starting |
+//! | `db.runsync.pool_wait_ms` | waiting for a pooled connection (0 when the session held one; an `Engine::transaction` unit queued for a busy engine: until a connection took it) |
+//! | `db.runsync.queue_wait_ms` | waiting in tokio's blocking queue, from `spawn_blocking` to the task starting (0 for a unit a serving thread took from the engine's queue) |
 //! | `db.runsync.run_ms` | the blocking task's work: `BEGIN`, your closure, `COMMIT` |
 //! | `error.type` | on failure: see below |
 //! | `otel.status_code` | `error` on failure |
@@ -77,10 +77,10 @@
 //! | `db.client.operation.duration` | histogram | `db.system.name`, `db.operation.name`, `error.type` on failure | each operation of the span table, end to end |
 //! | `db.client.connection.count` | gauge | `db.client.connection.state` = `idle`/`used` | connections open |
 //! | `db.client.connection.max` | gauge | | the pool's size |
-//! | `db.client.connection.pending_requests` | gauge | | checkouts waiting for a connection |
-//! | `db.client.connection.timeouts` | counter | | checkouts that timed out ([`Error::PoolTimeout`]) |
+//! | `db.client.connection.pending_requests` | gauge | | checkouts waiting for a connection, and `Engine::transaction` units queued for one |
+//! | `db.client.connection.timeouts` | counter | | checkouts (and queued units) that timed out ([`Error::PoolTimeout`]) |
 //! | `db.client.connection.create_time` | histogram | | opening a connection (and its set-up) |
-//! | `db.client.connection.wait_time` | histogram | | a checkout's wait |
+//! | `db.client.connection.wait_time` | histogram | | a checkout's wait (a queued unit's: until a connection took it) |
 //! | `db.client.connection.use_time` | histogram | | from checkout to checkin |
 //! | `db.runsync.queue_wait` | histogram | | tokio's blocking queue: spawn to start |
 //! | `db.runsync.cancels` | counter | | server-side cancels sent (`pg_cancel_backend`, `KILL QUERY`, `sqlite3_interrupt`) |
@@ -513,6 +513,20 @@ impl Observe {
         self.metrics.commits_refused.increment(1);
     }
 
+    /// `Engine::transaction` units waiting in the engine's queue for a
+    /// connection changed by `change` (they count as pending requests).
+    pub(crate) fn units_waiting(&self, change: f64) {
+        #[cfg(feature = "metrics")]
+        self.metrics.pending.increment(change);
+        let _ = change;
+    }
+
+    /// A queued unit's connection timeout passed before a connection took it.
+    pub(crate) fn unit_timed_out(&self) {
+        #[cfg(feature = "metrics")]
+        self.metrics.timeouts.increment(1);
+    }
+
     /// An operation's deadline passed.
     pub(crate) fn deadline_hit(&self) {
         #[cfg(feature = "metrics")]
@@ -686,16 +700,43 @@ impl TaskObs {
     pub(crate) fn started(&self) -> Option<Instant> {
         let on = self.0.as_ref()?;
         let now = Instant::now();
-        let queued = now.saturating_duration_since(on.spawned);
+        Some(on.started_at(now, now.saturating_duration_since(on.spawned)))
+    }
+
+    /// A unit that [`Engine::transaction`](crate::Engine::transaction)
+    /// dispatched started: it waited for a connection from when it was made
+    /// until it was `handed` to a blocking thread (`None`: it was taken
+    /// from the engine's queue by a thread already running, so now), then
+    /// for that thread. Returns the clock for [`ran`](Self::ran).
+    pub(crate) fn started_handed(&self, handed: Option<Instant>) -> Option<Instant> {
+        let on = self.0.as_ref()?;
+        let now = Instant::now();
+        let handed = handed.unwrap_or(now);
+        let waited = handed.saturating_duration_since(on.spawned);
+        if !on.span.is_disabled() {
+            on.span.record("db.runsync.pool_wait_ms", millis(waited));
+        }
+        #[cfg(feature = "metrics")]
+        on.observe.metrics.wait_time.record(waited.as_secs_f64());
+        Some(on.started_at(now, now.saturating_duration_since(handed)))
+    }
+}
+
+impl TaskWatched {
+    /// Records the blocking-pool queue wait `queued` of a task started `now`.
+    fn started_at(&self, now: Instant, queued: Duration) -> Instant {
+        let on = self;
         if !on.span.is_disabled() {
             on.span.record("db.runsync.queue_wait_ms", millis(queued));
         }
         #[cfg(feature = "metrics")]
         on.observe.metrics.queue_wait.record(queued.as_secs_f64());
         let _ = &on.observe;
-        Some(now)
+        now
     }
+}
 
+impl TaskObs {
     /// Enters the operation's span on this thread until the guard drops
     /// (nothing when no subscriber listens).
     pub(crate) fn enter(&self) -> Option<tracing::span::Entered<'_>> {

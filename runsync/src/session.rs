@@ -4,7 +4,9 @@
 //! # How cancellation and panics are contained
 //!
 //! Every operation moves the pooled connection into one `spawn_blocking`
-//! task and gets it back with the result. Then:
+//! task and gets it back with the result (an [`Engine::transaction`] that
+//! waited for a busy engine runs on the blocking thread that finished the
+//! unit before it, with that connection: `engine::dispatch`). Then:
 //! - a panic in the user's closure is caught in that task, the transaction
 //!   rolled back, and [`Error::Panic`] returned;
 //! - if the awaiting future is dropped, a flag tells the task, which rolls
@@ -38,7 +40,7 @@ use diesel::connection::TransactionManager;
 use tokio::sync::Notify;
 
 use crate::cancel::{Canceller, OpWatch, Reason};
-use crate::engine::{Engine, Pooled};
+use crate::engine::{Engine, Pooled, Unit};
 use crate::error::Error;
 use crate::manager::{PoolableConnection, Slot, WritePosition, rollback_all, transaction_depth};
 use crate::observe::{
@@ -416,6 +418,9 @@ impl<C: PoolableConnection> AsyncSession<C> {
         E: From<Error> + Send + 'static,
     {
         let mut fresh;
+        // Engine::transaction: handed to a connection by the engine's
+        // dispatch (a fresh session commits, and keeps nothing).
+        let fresh_unit = matches!(source, SessionOf::Fresh(_)) && commit;
         let session = match source {
             SessionOf::Borrowed(session) => session,
             SessionOf::Fresh(engine) => {
@@ -439,6 +444,10 @@ impl<C: PoolableConnection> AsyncSession<C> {
             }
             // The deadline bounds the whole call, the wait for a connection included.
             let deadline = timeout.map(|limit| (limit, tokio::time::Instant::now() + limit));
+            let inline = timeout.is_none() && session.engine.runs_inline() && can_run_inline();
+            if fresh_unit && !inline {
+                break 'op session.run_dispatched(f, timeout, deadline, &obs).await;
+            }
             let pooled = match session.conn.take() {
                 Some(pooled) => {
                     obs.pool_waited(None);
@@ -472,48 +481,20 @@ impl<C: PoolableConnection> AsyncSession<C> {
             let watch = done.0.watch.clone();
             let task_home = home.clone();
             let blocking = move || {
-                let op = &done.0;
-                let begun = op.obs.started();
-                let entered = op.obs.enter();
-                let started = Instant::now();
-                let mut slot = slot;
-                let watch = &op.watch;
-                let mut step = run_operation(&mut slot, timeout, needs_begin, watch, f);
-                let reason = watch.reason();
-                if let Some(limit) = timeout {
-                    // The deadline passed (the timer cancelled the statement, or
-                    // the server's own statement timeout did): whatever the
-                    // closure made of it, the call timed out.
-                    let late = started.elapsed() >= limit
-                        && matches!(step, Step::Failed(_) | Step::Panicked(_));
-                    if reason == Some(Reason::Timeout) || late {
-                        if let Step::Panicked(message) = &step {
-                            tracing::debug!("a timed-out run_sync closure panicked: {message}");
-                        }
-                        step = Step::TimedOut(limit);
-                    }
-                }
-                if matches!(step, Step::Done(_)) && reason.is_some() {
-                    // Nobody will see the result: the work must not be committed.
-                    let _ = rollback_all(slot.conn_mut());
-                } else if matches!(step, Step::Done(_)) && commit {
-                    op.committing.store(true, Ordering::Release);
-                    if let Err(e) = slot.commit() {
-                        step = Step::Commit(e);
-                    }
-                }
-                if matches!(step, Step::Done(_)) {
-                    slot.mark_used();
-                } else {
-                    slot.recover();
-                }
-                go_home(&task_home, slot);
+                let ran = run_unit(
+                    slot,
+                    &task_home,
+                    done,
+                    None,
+                    timeout,
+                    needs_begin,
+                    commit,
+                    f,
+                );
                 drop(task_home);
-                drop(entered);
-                op.obs.ran(begun);
-                (step, done)
+                ran
             };
-            let joined = if timeout.is_none() && session.engine.runs_inline() && can_run_inline() {
+            let joined = if inline {
                 // On this thread, the runtime's other tasks moved off it
                 // (EngineOptions::run_inline). No await until it
                 // returns: the future cannot be dropped meanwhile. Panics of
@@ -536,7 +517,10 @@ impl<C: PoolableConnection> AsyncSession<C> {
             let pooled = home.lock().unwrap_or_else(|e| e.into_inner()).take();
             match joined {
                 Ok((step, _done)) => {
-                    let pooled = pooled.expect("the blocking task put the connection back");
+                    debug_assert!(
+                        pooled.is_some(),
+                        "the blocking task put the connection back"
+                    );
                     session.settle(step, pooled, commit)
                 }
                 Err(e) => Err(session.lost(e).into()),
@@ -555,13 +539,107 @@ impl<C: PoolableConnection> AsyncSession<C> {
         }
     }
 
+    /// An [`Engine::transaction`] unit, handed to a connection by the
+    /// engine's dispatch (the `engine::dispatch` module): at once when one
+    /// is free, else queued for the blocking thread that finishes a unit.
+    /// Waiting for a connection is bounded by the deadline and the
+    /// connection timeout; a unit taken back then has done nothing. Once a
+    /// thread has it, it is joined as any operation is.
+    async fn run_dispatched<R, E, F>(
+        &mut self,
+        f: F,
+        timeout: Option<Duration>,
+        deadline: Option<(Duration, tokio::time::Instant)>,
+        obs: &OpObs,
+    ) -> Result<R, Fail<E>>
+    where
+        F: FnOnce(&mut C) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<Error> + Send + 'static,
+    {
+        self.state = State::InFlight;
+        let observe = cfg!(feature = "metrics").then(|| self.engine.observe().clone());
+        let op = Arc::new(InFlight::new(None, observe, obs.for_task()));
+        let home: Arc<Home<C>> = Arc::new(Mutex::new(None));
+        self.in_flight = Some((op.clone(), Arc::downgrade(&home)));
+        let flag = CancelFlag(op.clone(), true);
+        let watch = op.watch.clone();
+        let (sender, mut result) = tokio::sync::oneshot::channel();
+        let task_home = home.clone();
+        let done = DoneSignal(op);
+        let unit: Unit<C> = Box::new(move |mut pooled: Pooled<C>, handed| {
+            done.0.watch.bind(pooled.canceller.clone());
+            let slot = std::mem::replace(&mut *pooled, Slot::vacant());
+            *task_home.lock().unwrap_or_else(|e| e.into_inner()) = Some(pooled);
+            let ran = run_unit(slot, &task_home, done, Some(handed), timeout, true, true, f);
+            let back = task_home.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let _ = sender.send(ran);
+            back
+        });
+        let id = self.engine.unit_id();
+        let pool_limit = self.engine.connection_timeout();
+        let waited_at = tokio::time::Instant::now() + pool_limit;
+        let wait_until = deadline.map_or(waited_at, |(_, at)| at.min(waited_at));
+        let handed = {
+            let handing = self.engine.hand_over(unit, id);
+            tokio::pin!(handing);
+            tokio::select! {
+                biased;
+                ran = &mut result => Ok(Some(ran)),
+                handed = &mut handing => handed.map(|()| None),
+                () = tokio::time::sleep_until(wait_until) => {
+                    if !self.engine.take_back(id) {
+                        // A thread took it: wait for it as for any unit.
+                        Ok(None)
+                    } else if let Some((limit, _)) = deadline.filter(|(_, at)| *at <= waited_at) {
+                        self.engine.observe().deadline_hit();
+                        Err(Error::Timeout(limit))
+                    } else {
+                        self.engine.observe().unit_timed_out();
+                        Err(Error::PoolTimeout(pool_limit))
+                    }
+                }
+            }
+        };
+        let joined = match handed {
+            Ok(Some(ran)) => Some(ran),
+            Ok(None) => {
+                let at = deadline.map(|(_, at)| at);
+                self.join(&mut result, &watch, at, obs.span()).await
+            }
+            Err(e) => {
+                // Never handed to a connection: nothing of it ran.
+                flag.disarm();
+                self.in_flight = None;
+                self.state = State::Idle;
+                return Err(e.into());
+            }
+        };
+        flag.disarm();
+        let Some(joined) = joined else {
+            // Given up at the deadline: the connection goes, unreturned.
+            let _entered = obs.enter();
+            return Err(self.given_up_at(timeout.unwrap_or_default()).into());
+        };
+        self.in_flight = None;
+        match joined {
+            Ok((step, _done)) => self.settle(step, None, true),
+            // The unit was dropped unrun (runtime shutdown) or its thread
+            // died outside the closure: its connection is gone with it.
+            Err(_) => {
+                self.state = State::Failed("the connection was lost".into());
+                Err(Error::RuntimeShutdown.into())
+            }
+        }
+    }
+
     /// The session after a `run_sync` operation's blocking task returned
     /// `step` with the connection `pooled`, and what the caller gets.
     #[inline]
     fn settle<R, E>(
         &mut self,
         step: Step<R, E>,
-        pooled: Pooled<C>,
+        pooled: Option<Pooled<C>>,
         commit: bool,
     ) -> Result<R, Fail<E>> {
         match step {
@@ -571,7 +649,7 @@ impl<C: PoolableConnection> AsyncSession<C> {
                 Ok(value)
             }
             Step::Done(value) => {
-                self.conn = Some(pooled);
+                self.conn = pooled;
                 self.state = State::Open;
                 Ok(value)
             }
@@ -620,11 +698,11 @@ impl<C: PoolableConnection> AsyncSession<C> {
     /// more; `None` then means the caller gives the task up.
     async fn join<T>(
         &mut self,
-        mut handle: tokio::task::JoinHandle<T>,
+        mut handle: impl Future<Output = T> + Unpin,
         watch: &Arc<OpWatch>,
         deadline: Option<tokio::time::Instant>,
         span: &tracing::Span,
-    ) -> Option<Result<T, tokio::task::JoinError>> {
+    ) -> Option<T> {
         let Some(at) = deadline else {
             return Some(handle.await);
         };
@@ -1001,6 +1079,70 @@ fn commit_error(e: diesel::result::Error) -> Error {
     } else {
         Error::Database(e)
     }
+}
+
+/// The blocking half of a `run_sync` operation on `slot`: the user's
+/// closure `f` (with `BEGIN` first if `needs_begin`) under the deadline
+/// `timeout`, then `COMMIT` if `commit` and all went well, else a rollback;
+/// the connection then goes back to `home`. `handed`: when a dispatched
+/// unit got its connection (`None` for one spawned with its own).
+#[allow(clippy::too_many_arguments)]
+fn run_unit<C, R, E, F>(
+    slot: Slot<C>,
+    home: &Home<C>,
+    done: DoneSignal,
+    handed: Option<Option<Instant>>,
+    timeout: Option<Duration>,
+    needs_begin: bool,
+    commit: bool,
+    f: F,
+) -> (Step<R, E>, DoneSignal)
+where
+    C: PoolableConnection,
+    F: FnOnce(&mut C) -> Result<R, E>,
+{
+    let op = &done.0;
+    let begun = match handed {
+        None => op.obs.started(),
+        Some(handed) => op.obs.started_handed(handed),
+    };
+    let entered = op.obs.enter();
+    let started = Instant::now();
+    let mut slot = slot;
+    let watch = &op.watch;
+    let mut step = run_operation(&mut slot, timeout, needs_begin, watch, f);
+    let reason = watch.reason();
+    if let Some(limit) = timeout {
+        // The deadline passed (the timer cancelled the statement, or
+        // the server's own statement timeout did): whatever the
+        // closure made of it, the call timed out.
+        let late =
+            started.elapsed() >= limit && matches!(step, Step::Failed(_) | Step::Panicked(_));
+        if reason == Some(Reason::Timeout) || late {
+            if let Step::Panicked(message) = &step {
+                tracing::debug!("a timed-out run_sync closure panicked: {message}");
+            }
+            step = Step::TimedOut(limit);
+        }
+    }
+    if matches!(step, Step::Done(_)) && reason.is_some() {
+        // Nobody will see the result: the work must not be committed.
+        let _ = rollback_all(slot.conn_mut());
+    } else if matches!(step, Step::Done(_)) && commit {
+        op.committing.store(true, Ordering::Release);
+        if let Err(e) = slot.commit() {
+            step = Step::Commit(e);
+        }
+    }
+    if matches!(step, Step::Done(_)) {
+        slot.mark_used();
+    } else {
+        slot.recover();
+    }
+    go_home(home, slot);
+    drop(entered);
+    op.obs.ran(begun);
+    (step, done)
 }
 
 /// The blocking task's work for one operation: nothing if it was cancelled
