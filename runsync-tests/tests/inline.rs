@@ -2,7 +2,8 @@
 //! runs on the calling task's thread (`block_in_place`), with the same
 //! outcomes as through the blocking pool: committed work, rolled-back
 //! errors and panics, an engine that serves on. Calls with a deadline, a
-//! current-thread runtime, or the option off keep the hop. A future cannot
+//! current-thread runtime, the option off, or an `Engine::transaction` that
+//! finds every connection busy keep the hop. A future cannot
 //! be dropped while its call runs inline: the call runs to its end.
 
 mod common;
@@ -156,4 +157,43 @@ async fn an_inline_call_runs_to_its_end<C: TestBackend>(db: TestDb<C>) {
         db.backend()
     );
     assert_eq!(db.rows().await, 2, "{}: committed", db.backend());
+}
+
+// A transaction that finds the engine busy is queued as without the
+// option, not run inline once a connection frees: dropped while it runs
+// (on the blocking thread that took it), it is rolled back; run inline, it
+// would have run to its end and committed.
+per_backend!(
+    a_transaction_that_waits_for_a_busy_engine_keeps_the_hop,
+    multi_thread
+);
+async fn a_transaction_that_waits_for_a_busy_engine_keeps_the_hop<C: TestBackend>(db: TestDb<C>) {
+    db.create_schema().await;
+    let engine = db
+        .engine_with(EngineOptions::default().max_size(1).run_inline(true))
+        .await;
+    let mut holder = engine.session();
+    holder.run_sync(common::count_rows).await.unwrap();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        holder.rollback().await.unwrap();
+    });
+    let unit = next_unit();
+    let outcome = tokio::time::timeout(
+        Duration::from_millis(300),
+        engine.transaction(move |c| {
+            insert_unit(c, unit)?;
+            std::thread::sleep(Duration::from_millis(500));
+            Ok::<_, diesel::result::Error>(())
+        }),
+    )
+    .await;
+    assert!(outcome.is_err(), "{}: {outcome:?}", db.backend());
+    release.await.unwrap();
+    common::settle(&engine).await;
+    assert_eq!(db.rows().await, 0, "{}: rolled back", db.backend());
+    assert_eq!(db.open_transactions().await, 0, "{}", db.backend());
+    // With a connection free, the next one runs inline again.
+    let caller = std::thread::current().id();
+    assert_eq!(ran_on(&engine).await, caller, "{}", db.backend());
 }

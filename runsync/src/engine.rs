@@ -134,7 +134,9 @@ pub struct EngineOptions {
     /// the server): it runs to its end, and `Engine::transaction` commits,
     /// before a drop takes effect; a hung server holds the calling thread.
     /// Calls with a deadline, and calls on a current-thread runtime, keep
-    /// the hop and every promise of the guide on failures.
+    /// the hop and every promise of the guide on failures; so does an
+    /// `Engine::transaction` that finds every connection busy: it waits in
+    /// the engine's queue as without this option.
     pub run_inline: bool,
 }
 

@@ -445,8 +445,18 @@ impl<C: PoolableConnection> AsyncSession<C> {
             // The deadline bounds the whole call, the wait for a connection included.
             let deadline = timeout.map(|limit| (limit, tokio::time::Instant::now() + limit));
             let inline = timeout.is_none() && session.engine.runs_inline() && can_run_inline();
-            if fresh_unit && !inline {
-                break 'op session.run_dispatched(f, timeout, deadline, &obs).await;
+            // An Engine::transaction runs inline only on a connection free
+            // at once; else it is dispatched (queued while the engine is busy).
+            let mut turn = None;
+            if fresh_unit {
+                turn = if inline {
+                    session.engine.free_turn()
+                } else {
+                    None
+                };
+                if turn.is_none() {
+                    break 'op session.run_dispatched(f, timeout, deadline, &obs).await;
+                }
             }
             let pooled = match session.conn.take() {
                 Some(pooled) => {
@@ -458,15 +468,16 @@ impl<C: PoolableConnection> AsyncSession<C> {
                     let checked_out = match deadline {
                         // The deadline's timer is boxed: it would otherwise
                         // widen this future, which is moved whole.
-                        Some((limit, at)) => {
-                            Box::pin(tokio::time::timeout_at(at, session.engine.checkout()))
-                                .await
-                                .unwrap_or_else(|_| {
-                                    session.engine.observe().deadline_hit();
-                                    Err(Error::Timeout(limit))
-                                })
-                        }
-                        None => session.engine.checkout().await,
+                        Some((limit, at)) => Box::pin(tokio::time::timeout_at(
+                            at,
+                            session.engine.checkout_with(turn),
+                        ))
+                        .await
+                        .unwrap_or_else(|_| {
+                            session.engine.observe().deadline_hit();
+                            Err(Error::Timeout(limit))
+                        }),
+                        None => session.engine.checkout_with(turn).await,
                     };
                     obs.pool_waited(waiting);
                     match checked_out {
@@ -580,15 +591,20 @@ impl<C: PoolableConnection> AsyncSession<C> {
         let pool_limit = self.engine.connection_timeout();
         let waited_at = tokio::time::Instant::now() + pool_limit;
         let wait_until = deadline.map_or(waited_at, |(_, at)| at.min(waited_at));
+        let checking_out = AtomicBool::new(false);
         let handed = {
-            let handing = self.engine.hand_over(unit, id);
+            let handing = self.engine.hand_over(unit, id, &checking_out);
             tokio::pin!(handing);
             tokio::select! {
                 biased;
                 ran = &mut result => Ok(Some(ran)),
                 handed = &mut handing => handed.map(|()| None),
                 () = tokio::time::sleep_until(wait_until) => {
-                    if !self.engine.take_back(id) {
+                    // Still queued (taken back here), or still held by
+                    // `handing` for its checkout (dropped with it): it
+                    // never runs. Else a thread has it.
+                    let unrun = self.engine.take_back(id) || checking_out.load(Ordering::Relaxed);
+                    if !unrun {
                         // A thread took it: wait for it as for any unit.
                         Ok(None)
                     } else if let Some((limit, _)) = deadline.filter(|(_, at)| *at <= waited_at) {

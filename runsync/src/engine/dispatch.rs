@@ -20,8 +20,10 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{Engine, Pooled};
 use crate::error::Error;
@@ -92,6 +94,18 @@ impl<C: PoolableConnection> Engine<C> {
         self.shared.units.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// A turn at the gate at once, if a connection is free and no unit
+    /// waits for one (a unit that may run on the caller's thread:
+    /// [`EngineOptions::run_inline`](crate::EngineOptions::run_inline)).
+    pub(crate) fn free_turn(&self) -> Option<OwnedSemaphorePermit> {
+        let units = self.shared.units.lock();
+        if units.is_empty() {
+            self.shared.gate.clone().try_acquire_owned().ok()
+        } else {
+            None
+        }
+    }
+
     /// Takes the unit `id` back if no thread took it yet: true if it was
     /// still queued (it will never run).
     pub(crate) fn take_back(&self, id: u64) -> bool {
@@ -106,8 +120,15 @@ impl<C: PoolableConnection> Engine<C> {
     /// the unit), `Err` when it never will run (its checkout failed). If
     /// this future is dropped while the unit is queued, the unit is taken
     /// back. The caller bounds the wait (and takes the unit back when it
-    /// ends: [`take_back`](Self::take_back)).
-    pub(crate) async fn hand_over(&self, unit: Unit<C>, id: u64) -> Result<(), Error> {
+    /// ends: [`take_back`](Self::take_back)); `checking_out` is true while
+    /// this future holds the unit itself, checking a connection out for it
+    /// (dropping the future then drops the unit unrun).
+    pub(crate) async fn hand_over(
+        &self,
+        unit: Unit<C>,
+        id: u64,
+        checking_out: &AtomicBool,
+    ) -> Result<(), Error> {
         let free = {
             let mut units = self.shared.units.lock();
             let free = if units.is_empty() {
@@ -126,8 +147,10 @@ impl<C: PoolableConnection> Engine<C> {
         };
         match free {
             Some((turn, unit)) => {
-                let pooled = self.checkout_with(Some(turn)).await?;
-                self.serve_on_new_thread(pooled, unit);
+                checking_out.store(true, Ordering::Relaxed);
+                let pooled = self.checkout_with(Some(turn)).await;
+                checking_out.store(false, Ordering::Relaxed);
+                self.serve_on_new_thread(pooled?, unit);
                 Ok(())
             }
             None => self.wait_turn(id).await,
