@@ -578,12 +578,14 @@ impl<C: PoolableConnection> AsyncSession<C> {
         let (sender, mut result) = tokio::sync::oneshot::channel();
         let task_home = home.clone();
         let done = DoneSignal(op);
-        let unit: Unit<C> = Box::new(move |mut pooled: Pooled<C>, handed| {
+        let unit: Unit<C> = Box::new(move |mut pooled: Pooled<C>, handed, keep| {
             done.0.watch.bind(pooled.canceller.clone());
             let slot = std::mem::replace(&mut *pooled, Slot::vacant());
             *task_home.lock().unwrap_or_else(|e| e.into_inner()) = Some(pooled);
             let ran = run_unit(slot, &task_home, done, Some(handed), timeout, true, true, f);
             let back = task_home.lock().unwrap_or_else(|e| e.into_inner()).take();
+            // Kept for the next unit, or back in the pool before the caller wakes.
+            let back = back.and_then(keep);
             let _ = sender.send(ran);
             back
         });

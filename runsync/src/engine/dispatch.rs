@@ -31,8 +31,16 @@ use crate::manager::PoolableConnection;
 
 /// One unit of work for a connection: run with the connection and when it
 /// was handed to a new blocking thread (`None`: taken from the queue by a
-/// thread already serving); gives the connection back unless it must go.
-pub(crate) type Unit<C> = Box<dyn FnOnce(Pooled<C>, Option<Instant>) -> Option<Pooled<C>> + Send>;
+/// thread already serving). Before it reports its result, it passes the
+/// connection (unless it must go) to [`Keep`], and returns what that
+/// returns: so a connection the thread does not keep is back in the pool
+/// before the unit's caller is woken.
+pub(crate) type Unit<C> =
+    Box<dyn FnOnce(Pooled<C>, Option<Instant>, Keep<'_, C>) -> Option<Pooled<C>> + Send>;
+
+/// The serving thread's choice for a connection whose unit is done: keep
+/// it for the next queued unit (`Some`), or return it to the pool (`None`).
+pub(crate) type Keep<'a, C> = &'a mut dyn FnMut(Pooled<C>) -> Option<Pooled<C>>;
 
 /// How long one blocking thread serves queued units back to back before
 /// its connection goes back to the pool.
@@ -67,15 +75,15 @@ fn take_out<C: PoolableConnection>(
     id: Option<u64>,
     or_first: bool,
     observe: &crate::observe::Observe,
-) -> Option<Unit<C>> {
+) -> Option<(u64, Unit<C>)> {
     let at = match id.and_then(|id| units.iter().position(|(queued, _)| *queued == id)) {
         Some(at) => Some(at),
         None if or_first && !units.is_empty() => Some(0),
         None => None,
     };
-    let (_, unit) = units.remove(at?)?;
+    let taken = units.remove(at?)?;
     observe.units_waiting(-1.0);
-    Some(unit)
+    Some(taken)
 }
 
 /// Takes the unit `id` back out of the queue when dropped (its caller gave
@@ -185,7 +193,7 @@ impl<C: PoolableConnection> Engine<C> {
             let mut units = self.shared.units.lock();
             take_out(&mut units, Some(id), true, &self.shared.observe)
         };
-        if let Some(unit) = unit {
+        if let Some((_, unit)) = unit {
             self.serve_on_new_thread(pooled, unit);
         }
         Ok(())
@@ -203,28 +211,36 @@ impl<C: PoolableConnection> Engine<C> {
     /// A blocking thread's loop: runs `unit`, then the queue's next units
     /// with the same connection while it may ([`SERVE_FOR`], no checkout
     /// waiting, the connection reusable); then the connection goes back to
-    /// the pool (or is closed, if it must not be reused).
+    /// the pool (or is closed, if it must not be reused), before the last
+    /// unit's caller is woken.
     fn serve(&self, pooled: Pooled<C>, unit: Unit<C>, handed: Option<Instant>) {
         let until = Instant::now() + SERVE_FOR;
         let (mut pooled, mut unit, mut handed) = (pooled, unit, handed);
         loop {
-            match unit(pooled, handed) {
-                Some(back) => pooled = back,
-                None => return,
-            }
-            if self.shared.waiting_checkouts.load(Ordering::Acquire) > 0
-                || Instant::now() >= until
-                || pooled.is_unusable()
-            {
-                return;
-            }
-            let next = {
+            let mut next = None;
+            let kept = unit(pooled, handed, &mut |mut back: Pooled<C>| {
+                if self.shared.waiting_checkouts.load(Ordering::Acquire) > 0
+                    || Instant::now() >= until
+                    || back.is_unusable()
+                {
+                    return None;
+                }
                 let mut units = self.shared.units.lock();
-                take_out(&mut units, None, true, &self.shared.observe)
-            };
-            match next {
-                Some(next) => (unit, handed) = (next, None),
-                None => return,
+                next = take_out(&mut units, None, true, &self.shared.observe);
+                next.is_some().then_some(back)
+            });
+            match (kept, next) {
+                (Some(back), Some((_, following))) => {
+                    (pooled, unit, handed) = (back, following, None);
+                }
+                (None, Some(taken)) => {
+                    // Cannot happen (a unit returns what it was given back);
+                    // were it to, the unit waits at the front for the next turn.
+                    self.shared.units.lock().push_front(taken);
+                    self.shared.observe.units_waiting(1.0);
+                    return;
+                }
+                _ => return,
             }
         }
     }
