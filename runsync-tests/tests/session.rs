@@ -425,6 +425,17 @@ async fn engine_transaction_commits_in_one_call_and_rolls_back_on_error_or_panic
     assert_eq!(db.open_transactions().await, 0, "{}", db.backend());
 }
 
+/// A transaction that holds its connection for 1 ms.
+async fn a_one_ms_transaction<C: TestBackend>(engine: &diesel_runsync::Engine<C>) {
+    engine
+        .transaction(|c| {
+            std::thread::sleep(Duration::from_millis(1));
+            count_rows(c)
+        })
+        .await
+        .unwrap();
+}
+
 per_backend!(checkouts_are_served_first_come_first_served, multi_thread);
 /// A task that returns its connection and asks again at once must not jump
 /// ahead of a task already waiting (bb8 alone lets it).
@@ -436,13 +447,7 @@ async fn checkouts_are_served_first_come_first_served<C: TestBackend>(db: TestDb
         let (engine, rounds) = (engine.clone(), greedy_rounds.clone());
         tokio::spawn(async move {
             for _ in 0..200 {
-                engine
-                    .transaction(|c| {
-                        std::thread::sleep(Duration::from_millis(1));
-                        count_rows(c)
-                    })
-                    .await
-                    .unwrap();
+                a_one_ms_transaction(&engine).await;
                 rounds.fetch_add(1, Ordering::SeqCst);
             }
         })
@@ -601,13 +606,7 @@ async fn a_session_gets_its_turn_while_transactions_keep_the_engine_busy<C: Test
             let (engine, stop) = (engine.clone(), stop.clone());
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    engine
-                        .transaction(|c| {
-                            std::thread::sleep(Duration::from_millis(1));
-                            count_rows(c)
-                        })
-                        .await
-                        .unwrap();
+                    a_one_ms_transaction(&engine).await;
                 }
             })
         })

@@ -725,13 +725,12 @@ impl TaskObs {
 impl TaskWatched {
     /// Records the blocking-pool queue wait `queued` of a task started `now`.
     fn started_at(&self, now: Instant, queued: Duration) -> Instant {
-        let on = self;
-        if !on.span.is_disabled() {
-            on.span.record("db.runsync.queue_wait_ms", millis(queued));
+        if !self.span.is_disabled() {
+            self.span.record("db.runsync.queue_wait_ms", millis(queued));
         }
         #[cfg(feature = "metrics")]
-        on.observe.metrics.queue_wait.record(queued.as_secs_f64());
-        let _ = &on.observe;
+        self.observe.metrics.queue_wait.record(queued.as_secs_f64());
+        let _ = &self.observe;
         now
     }
 }

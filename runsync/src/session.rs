@@ -447,16 +447,13 @@ impl<C: PoolableConnection> AsyncSession<C> {
             let inline = timeout.is_none() && session.engine.runs_inline() && can_run_inline();
             // An Engine::transaction runs inline only on a connection free
             // at once; else it is dispatched (queued while the engine is busy).
-            let mut turn = None;
-            if fresh_unit {
-                turn = if inline {
-                    session.engine.free_turn()
-                } else {
-                    None
-                };
-                if turn.is_none() {
-                    break 'op session.run_dispatched(f, timeout, deadline, &obs).await;
-                }
+            let turn = if fresh_unit && inline {
+                session.engine.free_turn()
+            } else {
+                None
+            };
+            if fresh_unit && turn.is_none() {
+                break 'op session.run_dispatched(f, timeout, deadline, &obs).await;
             }
             let pooled = match session.conn.take() {
                 Some(pooled) => {
@@ -492,11 +489,12 @@ impl<C: PoolableConnection> AsyncSession<C> {
             let watch = done.0.watch.clone();
             let task_home = home.clone();
             let blocking = move || {
+                let begun = done.0.obs.started();
                 let ran = run_unit(
                     slot,
                     &task_home,
                     done,
-                    None,
+                    begun,
                     timeout,
                     needs_begin,
                     commit,
@@ -580,14 +578,15 @@ impl<C: PoolableConnection> AsyncSession<C> {
         let done = DoneSignal(op);
         let unit: Unit<C> = Box::new(move |mut pooled: Pooled<C>, handed, keep| {
             done.0.watch.bind(pooled.canceller.clone());
+            let begun = done.0.obs.started_handed(handed);
             let slot = std::mem::replace(&mut *pooled, Slot::vacant());
             *task_home.lock().unwrap_or_else(|e| e.into_inner()) = Some(pooled);
-            let ran = run_unit(slot, &task_home, done, Some(handed), timeout, true, true, f);
-            let back = task_home.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let ran = run_unit(slot, &task_home, done, begun, timeout, true, true, f);
             // Kept for the next unit, or back in the pool before the caller wakes.
-            let back = back.and_then(keep);
+            if let Some(back) = task_home.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                keep(back);
+            }
             let _ = sender.send(ran);
-            back
         });
         let id = self.engine.unit_id();
         let pool_limit = self.engine.connection_timeout();
@@ -1102,14 +1101,14 @@ fn commit_error(e: diesel::result::Error) -> Error {
 /// The blocking half of a `run_sync` operation on `slot`: the user's
 /// closure `f` (with `BEGIN` first if `needs_begin`) under the deadline
 /// `timeout`, then `COMMIT` if `commit` and all went well, else a rollback;
-/// the connection then goes back to `home`. `handed`: when a dispatched
-/// unit got its connection (`None` for one spawned with its own).
+/// the connection then goes back to `home`. `begun`: when the blocking
+/// task started (its observation's clock).
 #[allow(clippy::too_many_arguments)]
 fn run_unit<C, R, E, F>(
     slot: Slot<C>,
     home: &Home<C>,
     done: DoneSignal,
-    handed: Option<Option<Instant>>,
+    begun: Option<Instant>,
     timeout: Option<Duration>,
     needs_begin: bool,
     commit: bool,
@@ -1120,10 +1119,6 @@ where
     F: FnOnce(&mut C) -> Result<R, E>,
 {
     let op = &done.0;
-    let begun = match handed {
-        None => op.obs.started(),
-        Some(handed) => op.obs.started_handed(handed),
-    };
     let entered = op.obs.enter();
     let started = Instant::now();
     let mut slot = slot;

@@ -32,15 +32,13 @@ use crate::manager::PoolableConnection;
 /// One unit of work for a connection: run with the connection and when it
 /// was handed to a new blocking thread (`None`: taken from the queue by a
 /// thread already serving). Before it reports its result, it passes the
-/// connection (unless it must go) to [`Keep`], and returns what that
-/// returns: so a connection the thread does not keep is back in the pool
-/// before the unit's caller is woken.
-pub(crate) type Unit<C> =
-    Box<dyn FnOnce(Pooled<C>, Option<Instant>, Keep<'_, C>) -> Option<Pooled<C>> + Send>;
+/// connection (unless it must go) to [`Keep`]: so a connection the thread
+/// does not keep is back in the pool before the unit's caller is woken.
+pub(crate) type Unit<C> = Box<dyn FnOnce(Pooled<C>, Option<Instant>, Keep<'_, C>) + Send>;
 
 /// The serving thread's choice for a connection whose unit is done: keep
-/// it for the next queued unit (`Some`), or return it to the pool (`None`).
-pub(crate) type Keep<'a, C> = &'a mut dyn FnMut(Pooled<C>) -> Option<Pooled<C>>;
+/// it for the next queued unit, or drop it (back to the pool).
+pub(crate) type Keep<'a, C> = &'a mut dyn FnMut(Pooled<C>);
 
 /// How long one blocking thread serves queued units back to back before
 /// its connection goes back to the pool.
@@ -75,15 +73,15 @@ fn take_out<C: PoolableConnection>(
     id: Option<u64>,
     or_first: bool,
     observe: &crate::observe::Observe,
-) -> Option<(u64, Unit<C>)> {
+) -> Option<Unit<C>> {
     let at = match id.and_then(|id| units.iter().position(|(queued, _)| *queued == id)) {
         Some(at) => Some(at),
         None if or_first && !units.is_empty() => Some(0),
         None => None,
     };
-    let taken = units.remove(at?)?;
+    let (_, unit) = units.remove(at?)?;
     observe.units_waiting(-1.0);
-    Some(taken)
+    Some(unit)
 }
 
 /// Takes the unit `id` back out of the queue when dropped (its caller gave
@@ -106,7 +104,11 @@ impl<C: PoolableConnection> Engine<C> {
     /// waits for one (a unit that may run on the caller's thread:
     /// [`EngineOptions::run_inline`](crate::EngineOptions::run_inline)).
     pub(crate) fn free_turn(&self) -> Option<OwnedSemaphorePermit> {
-        let units = self.shared.units.lock();
+        self.free_turn_while(&self.shared.units.lock())
+    }
+
+    /// [`free_turn`](Self::free_turn), the queue `units` locked by the caller.
+    fn free_turn_while(&self, units: &VecDeque<(u64, Unit<C>)>) -> Option<OwnedSemaphorePermit> {
         if units.is_empty() {
             self.shared.gate.clone().try_acquire_owned().ok()
         } else {
@@ -139,12 +141,7 @@ impl<C: PoolableConnection> Engine<C> {
     ) -> Result<(), Error> {
         let free = {
             let mut units = self.shared.units.lock();
-            let free = if units.is_empty() {
-                self.shared.gate.clone().try_acquire_owned().ok()
-            } else {
-                None
-            };
-            match free {
+            match self.free_turn_while(&units) {
                 Some(turn) => Some((turn, unit)),
                 None => {
                     units.push_back((id, unit));
@@ -193,7 +190,7 @@ impl<C: PoolableConnection> Engine<C> {
             let mut units = self.shared.units.lock();
             take_out(&mut units, Some(id), true, &self.shared.observe)
         };
-        if let Some((_, unit)) = unit {
+        if let Some(unit) = unit {
             self.serve_on_new_thread(pooled, unit);
         }
         Ok(())
@@ -218,30 +215,22 @@ impl<C: PoolableConnection> Engine<C> {
         let (mut pooled, mut unit, mut handed) = (pooled, unit, handed);
         loop {
             let mut next = None;
-            let kept = unit(pooled, handed, &mut |mut back: Pooled<C>| {
+            unit(pooled, handed, &mut |mut back: Pooled<C>| {
                 if self.shared.waiting_checkouts.load(Ordering::Acquire) > 0
                     || Instant::now() >= until
                     || back.is_unusable()
                 {
-                    return None;
-                }
-                let mut units = self.shared.units.lock();
-                next = take_out(&mut units, None, true, &self.shared.observe);
-                next.is_some().then_some(back)
-            });
-            match (kept, next) {
-                (Some(back), Some((_, following))) => {
-                    (pooled, unit, handed) = (back, following, None);
-                }
-                (None, Some(taken)) => {
-                    // Cannot happen (a unit returns what it was given back);
-                    // were it to, the unit waits at the front for the next turn.
-                    self.shared.units.lock().push_front(taken);
-                    self.shared.observe.units_waiting(1.0);
                     return;
                 }
-                _ => return,
-            }
+                let mut units = self.shared.units.lock();
+                if let Some(following) = take_out(&mut units, None, true, &self.shared.observe) {
+                    next = Some((back, following));
+                }
+            });
+            // Not kept (or given up): the connection went back already.
+            let Some(kept) = next else { return };
+            (pooled, unit) = kept;
+            handed = None;
         }
     }
 }
