@@ -8,7 +8,8 @@
 //!   returns within a second, not when the statement would have ended;
 //! - a deadline, the engine's default or one per call, returns
 //!   `Error::Timeout` within 1.5 x the deadline, and the session refuses
-//!   work until `rollback()`;
+//!   work until `rollback()`; so does a statement the server stops at its
+//!   own statement timeout before the engine's timer fires;
 //! - the figures of RELIABILITY.md (`figures::*`): 200 cancelled long
 //!   statements and 200 deadlines per backend, printed as `FIGURE` lines
 //!   (`RUNSYNC_CANCEL_ROUNDS=200`; the suite runs 20 of each).
@@ -352,6 +353,59 @@ fn connection_gone(error: &diesel::result::Error) -> bool {
     }
 }
 
+/// The server's statement timeout is the deadline's, by the server's
+/// clock: a statement it stops is `Error::Timeout` even when the engine's
+/// own (monotonic) clock says the deadline has not passed. Servers time
+/// statements by the wall clock: a step of it makes them fire early
+/// (MariaDB's `max_statement_time` of 2 s fired after 0.55 s when the
+/// clock was set 1.5 s ahead, by hand on this machine; a CI run saw 7 of
+/// 20 deadlines end so). Stand-in here, since a test must not set the
+/// machine's clock: the closure lowers the server's limit to 100 ms under
+/// a 2 s deadline.
+async fn a_statement_the_server_stops_at_its_timeout_times_out<C: TestBackend>(db: TestDb<C>)
+where
+    SqlQuery: QueryFragment<C::Backend>,
+{
+    db.create_schema().await;
+    let engine = db.engine_with(EngineOptions::default().max_size(1)).await;
+    let mut session = engine.session();
+    let deadline = Duration::from_secs(2);
+    let lower = match C::NAME {
+        "postgres" => "SET LOCAL statement_timeout = 100",
+        _ => "SET SESSION max_statement_time = 0.1",
+    };
+    let sql = long_statement::<C>(3.0);
+    let started = Instant::now();
+    let error = facade(
+        session
+            .with_timeout(deadline)
+            .run_sync(move |c| {
+                c.batch_execute(lower)?;
+                diesel::sql_query(sql).execute(c)
+            })
+            .await,
+    );
+    let took = started.elapsed();
+    assert!(
+        matches!(error, Error::Timeout(d) if d == deadline),
+        "{}: {error}",
+        C::NAME
+    );
+    assert!(took < Duration::from_secs(1), "{}: after {took:?}", C::NAME);
+    // As after any deadline: refused until rollback(), then the engine
+    // goes on (MySQL: on a new connection, the interrupted one retired).
+    assert!(matches!(
+        session.commit().await,
+        Err(Error::PendingRollback(_))
+    ));
+    session.rollback().await.unwrap();
+    unit(&mut session).await.map_err(|e| e.to_string()).unwrap();
+    session.commit().await.unwrap();
+    assert_eq!(db.rows().await, 2, "{}", C::NAME);
+    assert_eq!(db.open_transactions().await, 0, "{}", C::NAME);
+    settle(&engine).await;
+}
+
 /// A closure that catches every cancel and goes on, statement after
 /// statement, gets cancels for `TERMINATE_AFTER`; then its connection is
 /// terminated on the server (`pg_terminate_backend`, `KILL CONNECTION`), its
@@ -509,6 +563,10 @@ mod current {
     per_backend!(the_engine_deadline_times_out);
     per_backend!(a_per_call_deadline_overrides_the_engine);
     per_backend!(a_closure_that_ignores_cancels_loses_its_connection, servers);
+    per_backend!(
+        a_statement_the_server_stops_at_its_timeout_times_out,
+        servers
+    );
 }
 
 mod multi {

@@ -16,7 +16,7 @@
 //! their SQL (no bind values) and duration, whether the echo is on or not.
 //! Connection URLs are always redacted, and connection errors scrubbed.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,14 @@ pub(crate) type Lost = Arc<Mutex<Option<(u32, String)>>>;
 /// Holds the [`RetireReason`]'s code (0: none).
 pub(crate) type Retire = Arc<AtomicU8>;
 
+/// Set when the server stopped a statement at its own statement timeout
+/// (PostgreSQL's `statement_timeout`, MariaDB's `max_statement_time`,
+/// MySQL's `MAX_EXECUTION_TIME`), which the engine sets to the deadline:
+/// the deadline passed by the server's clock. Servers time statements by
+/// the wall clock, so after a wall-clock step this can happen before the
+/// engine's own (monotonic) timer fires.
+pub(crate) type ServerTimedOut = Arc<AtomicBool>;
+
 /// A Diesel [`Instrumentation`] that reports statements to `tracing`, and
 /// records in [`Lost`] a failed statement that lost the open transaction:
 /// on PostgreSQL any error (the transaction, or the savepoint, is aborted);
@@ -69,6 +77,7 @@ pub(crate) struct SqlEcho {
     depth: u32,
     lost: Lost,
     retire: Retire,
+    timed_out: ServerTimedOut,
     /// Statements slower than this are logged at `WARN`, echo or not.
     slow: Option<Duration>,
     /// The user's instrumentation: every event, after this one's.
@@ -88,14 +97,16 @@ impl std::fmt::Debug for SqlEcho {
 
 impl SqlEcho {
     /// Reports at `INFO` when `echo` is true, else at `DEBUG`; records
-    /// transaction losses of `backend` in `lost`, and in `retire` that the
-    /// connection must not be reused.
+    /// transaction losses of `backend` in `lost`, in `retire` that the
+    /// connection must not be reused, and in `timed_out` a statement the
+    /// server stopped at its statement timeout.
     pub(crate) fn new(
         echo: bool,
         backend: Backend,
         access: crate::manager::Access,
         lost: Lost,
         retire: Retire,
+        timed_out: ServerTimedOut,
     ) -> Self {
         SqlEcho {
             echo,
@@ -105,6 +116,7 @@ impl SqlEcho {
             depth: 0,
             lost,
             retire,
+            timed_out,
             slow: None,
             then: None,
         }
@@ -122,10 +134,16 @@ impl SqlEcho {
         self
     }
 
-    /// Keeps [`Lost`] and [`Retire`] up to date (before any echo,
-    /// which may be off).
+    /// Keeps [`Lost`], [`Retire`] and [`ServerTimedOut`] up to date
+    /// (before any echo, which may be off).
     fn track(&mut self, event: &InstrumentationEvent<'_>) {
         if let InstrumentationEvent::FinishQuery { error: Some(e), .. } = event {
+            if self
+                .backend
+                .is_some_and(|backend| stopped_at_statement_timeout(backend, e))
+            {
+                self.timed_out.store(true, Ordering::Release);
+            }
             let reason = match self.backend {
                 Some(Backend::Mysql) => retires_mysql_connection(e),
                 _ => None,
@@ -323,6 +341,28 @@ fn retires_mysql_connection(error: &diesel::result::Error) -> Option<RetireReaso
             }
         }
         _ => None,
+    }
+}
+
+/// Whether the server stopped the statement at its statement timeout:
+/// PostgreSQL's *canceling statement due to statement timeout* (57014, the
+/// SQLSTATE it shares with a cancel request, which Diesel does not
+/// expose: the message tells them apart, in English, the server's default
+/// `lc_messages`), MariaDB's 1969 (*... (max_statement_time exceeded)*),
+/// MySQL's 3024 (*... maximum statement execution time exceeded*).
+fn stopped_at_statement_timeout(backend: Backend, error: &diesel::result::Error) -> bool {
+    let diesel::result::Error::DatabaseError(_, info) = error else {
+        return false;
+    };
+    let message = info.message();
+    match backend {
+        Backend::Postgres => message.contains("canceling statement due to statement timeout"),
+        Backend::Mysql => {
+            message.starts_with("Query execution was interrupted")
+                && (message.contains("max_statement_time")
+                    || message.contains("maximum statement execution time"))
+        }
+        Backend::Sqlite => false,
     }
 }
 

@@ -91,7 +91,8 @@ pub struct EngineOptions {
     /// passes, the running statement is cancelled on the server and the
     /// call returns [`Error::Timeout`]. PostgreSQL and MariaDB/MySQL also
     /// enforce it per statement on the server (`statement_timeout`,
-    /// `max_statement_time` / `MAX_EXECUTION_TIME`). A session can change it
+    /// `max_statement_time` / `MAX_EXECUTION_TIME`); a statement the server
+    /// stops there is [`Error::Timeout`] too. A session can change it
     /// for itself ([`AsyncSession::set_statement_timeout`]) or for one call
     /// ([`AsyncSession::with_timeout`]).
     pub statement_timeout: Option<Duration>,

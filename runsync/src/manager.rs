@@ -11,7 +11,7 @@ use diesel::result::{ConnectionError, QueryResult};
 use tokio::sync::watch;
 
 use crate::cancel::Canceller;
-use crate::echo::{Lost, Retire, SqlEcho};
+use crate::echo::{Lost, Retire, ServerTimedOut, SqlEcho};
 use crate::error::Error;
 use crate::observe::{Observe, RetireReason};
 use crate::url::DatabaseUrl;
@@ -553,6 +553,9 @@ pub(crate) struct Slot<C> {
     /// Never reuse the connection: a MySQL statement was interrupted, or
     /// its Galera node stopped serving (kept by [`SqlEcho`]).
     retire: Retire,
+    /// The server stopped a statement at its statement timeout (kept by
+    /// [`SqlEcho`]; taken by [`Slot::take_server_timeout`]).
+    timed_out: ServerTimedOut,
     /// The engine's telemetry (absent in a vacant slot).
     observe: Option<Arc<Observe>>,
 }
@@ -649,6 +652,13 @@ impl<C: PoolableConnection> Slot<C> {
     }
 
     /// Why the connection must not be reused, as its [`SqlEcho`] recorded.
+    /// Whether the server stopped a statement at its statement timeout
+    /// since the last call (see [`ServerTimedOut`]).
+    pub(crate) fn take_server_timeout(&self) -> bool {
+        // Read first: a vacant slot's flag is shared and never written.
+        self.timed_out.load(Ordering::Acquire) && self.timed_out.swap(false, Ordering::AcqRel)
+    }
+
     fn retire_reason(&self) -> Option<RetireReason> {
         RetireReason::from_code(self.retire.load(Ordering::Acquire))
     }
@@ -726,8 +736,9 @@ impl<C: PoolableConnection> Slot<C> {
     pub(crate) fn vacant() -> Self {
         // One shared pair of (never written) flags: a vacant slot is made
         // per operation, and must not allocate.
-        static FLAGS: std::sync::OnceLock<(Lost, Retire)> = std::sync::OnceLock::new();
-        let (lost, retire) = FLAGS.get_or_init(Default::default);
+        static FLAGS: std::sync::OnceLock<(Lost, Retire, ServerTimedOut)> =
+            std::sync::OnceLock::new();
+        let (lost, retire, timed_out) = FLAGS.get_or_init(Default::default);
         Slot {
             conn: None,
             last_used: Instant::now(),
@@ -736,6 +747,7 @@ impl<C: PoolableConnection> Slot<C> {
             transaction_timeout: None,
             lost: lost.clone(),
             retire: retire.clone(),
+            timed_out: timed_out.clone(),
             observe: None,
         }
     }
@@ -916,6 +928,7 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
             let mut slot = Slot::vacant();
             slot.lost = Lost::default();
             slot.retire = Retire::default();
+            slot.timed_out = ServerTimedOut::default();
             slot.canceller = canceller;
             slot.session_timeout = Some(None);
             if timeout.is_some() && conn.timeout_scope() == TimeoutScope::Session {
@@ -930,6 +943,7 @@ impl<C: PoolableConnection> bb8::ManageConnection for Manager<C> {
                     access,
                     slot.lost.clone(),
                     slot.retire.clone(),
+                    slot.timed_out.clone(),
                 )
                 .slow_statement_threshold(slow)
                 .then(user_instrumentation.as_ref().map(|make| make.make())),

@@ -1123,14 +1123,18 @@ where
     let started = Instant::now();
     let mut slot = slot;
     let watch = &op.watch;
+    slot.take_server_timeout();
     let mut step = run_operation(&mut slot, timeout, needs_begin, watch, f);
     let reason = watch.reason();
+    let server_timed_out = slot.take_server_timeout();
     if let Some(limit) = timeout {
-        // The deadline passed (the timer cancelled the statement, or
-        // the server's own statement timeout did): whatever the
-        // closure made of it, the call timed out.
-        let late =
-            started.elapsed() >= limit && matches!(step, Step::Failed(_) | Step::Panicked(_));
+        // The deadline passed (the timer cancelled the statement, or the
+        // server's own statement timeout, which is the deadline, stopped
+        // one: servers time statements by the wall clock, which a clock
+        // step can move ahead of this one): whatever the closure made of
+        // it, the call timed out.
+        let late = (started.elapsed() >= limit || server_timed_out)
+            && matches!(step, Step::Failed(_) | Step::Panicked(_));
         if reason == Some(Reason::Timeout) || late {
             if let Step::Panicked(message) = &step {
                 tracing::debug!("a timed-out run_sync closure panicked: {message}");
