@@ -65,7 +65,12 @@
 //! whether the blocking task is in its `BEGIN` or the closure, and the
 //! task, once the closure returns (or `BEGIN` fails), waits (at most
 //! [`CANCEL_WAIT`]) for a cancel request in flight to be delivered before
-//! it sends its `ROLLBACK` or `COMMIT`. A statement that
+//! it sends its `ROLLBACK` or `COMMIT`; one still on its way after that
+//! has the connection closed instead of pooled again, so that it cannot
+//! land on a later statement (there is no `COMMIT` with a cancel in flight:
+//! a cancelled operation never commits). A connection closed anyway (an
+//! interrupted MySQL statement) does not wait at all.
+//! A statement that
 //! ignores the first request (SQLite between two statements, a closure that
 //! catches the error and goes on) gets another, at growing intervals, for as
 //! long as the closure runs. A closure still running [`TERMINATE_AFTER`]
@@ -229,7 +234,11 @@ impl Canceller {
 
 /// How long the blocking task, once the user's closure has returned, waits
 /// for a cancel request already on its way before it goes on to roll back.
-pub(crate) const CANCEL_WAIT: Duration = Duration::from_secs(2);
+/// A request still on its way then has the connection closed instead of
+/// pooled again (it could cut short the next statement sent on it):
+/// MariaDB sometimes answers a `KILL QUERY` seconds late (1.96 s seen in
+/// `runsync-tests/tests/cancel.rs`'s runs, 1 of about 280).
+pub(crate) const CANCEL_WAIT: Duration = Duration::from_millis(200);
 
 /// How long a closure may keep running after the first cancel request
 /// before its connection is terminated (where [`Canceller::or_terminate`]
@@ -348,11 +357,16 @@ impl OpWatch {
     /// [`CANCEL_WAIT`]), so that it cannot land on the engine's own
     /// `ROLLBACK` or `COMMIT`; then the connection's cancel is cleared
     /// ([`Canceller::reset`]) so that it cannot cut them short either.
-    /// Returns why the operation was cancelled, if it was.
-    pub(crate) fn leave(&self) -> Option<Reason> {
+    /// Returns true when a cancel is still on its way: the connection
+    /// must then be closed, not reused.
+    ///
+    /// `closing`: the connection will be closed anyway (a MySQL statement
+    /// interrupted: a cancel has landed); a cancel on its way is not
+    /// waited for.
+    pub(crate) fn leave(&self, closing: bool) -> bool {
         let mut shared = self.lock();
         shared.phase = Phase::After;
-        if shared.delivering {
+        if shared.delivering && !closing {
             shared = self
                 .delivered
                 .wait_timeout_while(shared, CANCEL_WAIT, |s| s.delivering)
@@ -362,7 +376,7 @@ impl OpWatch {
         if let Some(canceller) = self.canceller.get() {
             canceller.reset();
         }
-        shared.reason
+        shared.delivering
     }
 
     /// Cancels the operation: marks it (the first reason wins) and, if its
@@ -773,7 +787,8 @@ mod tests {
         assert!(watch.enter());
         assert!(watch.deliver());
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-        assert_eq!(watch.leave(), None);
+        assert!(!watch.leave(false));
+        assert_eq!(watch.reason(), None);
         // After the closure: never.
         assert!(!watch.deliver());
         watch.cancel(Reason::Timeout);
@@ -793,7 +808,7 @@ mod tests {
         let watch = OpWatch::new(Some(canceller.clone()));
         assert!(watch.enter());
         assert!(watch.deliver());
-        assert_eq!(watch.leave(), None);
+        assert!(!watch.leave(false));
         assert_eq!(*log.lock().unwrap(), ["reset", "cancel", "reset"]);
         // Cancelled before it entered: nothing runs, nothing is reset.
         log.lock().unwrap().clear();
@@ -805,6 +820,50 @@ mod tests {
         let rebuilt = canceller.clone().on_close(|| {});
         rebuilt.reset();
         assert_eq!(*log.lock().unwrap(), ["reset"]);
+    }
+
+    /// A cancel answered late (MariaDB's `KILL QUERY`, seconds): the
+    /// closure's end waits [`CANCEL_WAIT`] for it, then says the
+    /// connection must be closed; one closed anyway does not wait.
+    #[test]
+    fn a_cancel_answered_late_closes_the_connection() {
+        let answer = Duration::from_millis(1500);
+        let canceller = Canceller::new(move || {
+            std::thread::sleep(answer);
+            Ok(())
+        });
+        for closing in [false, true] {
+            let watch = OpWatch::new(Some(canceller.clone()));
+            assert!(watch.enter());
+            let delivering = watch.clone();
+            let delivery = std::thread::spawn(move || delivering.deliver());
+            while !watch.lock().delivering {
+                std::thread::yield_now();
+            }
+            let left = Instant::now();
+            assert!(watch.leave(closing), "closing: {closing}");
+            let waited = left.elapsed();
+            if closing {
+                assert!(waited < CANCEL_WAIT / 2, "{waited:?}");
+            } else {
+                assert!(waited >= CANCEL_WAIT && waited < answer, "{waited:?}");
+            }
+            assert!(!delivery.join().unwrap());
+        }
+        // Answered within the wait: the connection may be reused.
+        let quick = Canceller::new(|| {
+            std::thread::sleep(Duration::from_millis(20));
+            Ok(())
+        });
+        let watch = OpWatch::new(Some(quick));
+        assert!(watch.enter());
+        let delivering = watch.clone();
+        let delivery = std::thread::spawn(move || delivering.deliver());
+        while !watch.lock().delivering {
+            std::thread::yield_now();
+        }
+        assert!(!watch.leave(false));
+        delivery.join().unwrap();
     }
 
     #[test]

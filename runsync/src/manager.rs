@@ -579,7 +579,7 @@ impl<C: PoolableConnection> Slot<C> {
     /// statement interrupted (its cached prepared statement would hang) or
     /// its Galera node not serving.
     pub(crate) fn is_unusable(&mut self) -> bool {
-        if self.retire.load(Ordering::Acquire) != 0 {
+        if self.is_retiring() {
             return true;
         }
         match self.conn.as_mut() {
@@ -651,7 +651,6 @@ impl<C: PoolableConnection> Slot<C> {
         }
     }
 
-    /// Why the connection must not be reused, as its [`SqlEcho`] recorded.
     /// Whether the server stopped a statement at its statement timeout
     /// since the last call (see [`ServerTimedOut`]).
     pub(crate) fn take_server_timeout(&self) -> bool {
@@ -659,6 +658,21 @@ impl<C: PoolableConnection> Slot<C> {
         self.timed_out.load(Ordering::Acquire) && self.timed_out.swap(false, Ordering::AcqRel)
     }
 
+    /// Whether the connection will be closed after this operation, not
+    /// pooled again: its [`SqlEcho`] recorded a reason.
+    pub(crate) fn is_retiring(&self) -> bool {
+        self.retire.load(Ordering::Acquire) != 0
+    }
+
+    /// Marks the connection to be closed after this operation for
+    /// `reason`, unless its [`SqlEcho`] has recorded a reason already.
+    pub(crate) fn retire_after(&self, reason: RetireReason) {
+        let _ = self
+            .retire
+            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Why the connection must not be reused, as its [`SqlEcho`] recorded.
     fn retire_reason(&self) -> Option<RetireReason> {
         RetireReason::from_code(self.retire.load(Ordering::Acquire))
     }

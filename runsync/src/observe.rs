@@ -151,12 +151,16 @@ pub enum RetireReason {
     NotAnswering = 7,
     /// Behind a pooler, a named prepared statement of it was lost.
     PreparedStatementLost = 8,
+    /// A cancel request for its operation was still on its way when the
+    /// operation ended (the server answers it late): reused, the
+    /// connection could have a later statement cut short.
+    CancelInFlight = 9,
 }
 
 impl RetireReason {
     /// The label value: `read_only`, `connection_lost`, `interrupted`,
     /// `wsrep_not_ready`, `transaction_open`, `given_up`, `not_answering`,
-    /// `prepared_statement_lost`.
+    /// `prepared_statement_lost`, `cancel_in_flight`.
     pub fn as_str(self) -> &'static str {
         match self {
             RetireReason::ReadOnly => "read_only",
@@ -167,10 +171,11 @@ impl RetireReason {
             RetireReason::GivenUp => "given_up",
             RetireReason::NotAnswering => "not_answering",
             RetireReason::PreparedStatementLost => "prepared_statement_lost",
+            RetireReason::CancelInFlight => "cancel_in_flight",
         }
     }
 
-    const ALL: [RetireReason; 8] = [
+    const ALL: [RetireReason; 9] = [
         RetireReason::ReadOnly,
         RetireReason::ConnectionLost,
         RetireReason::Interrupted,
@@ -179,6 +184,7 @@ impl RetireReason {
         RetireReason::GivenUp,
         RetireReason::NotAnswering,
         RetireReason::PreparedStatementLost,
+        RetireReason::CancelInFlight,
     ];
 
     /// The reason stored as `code` (0: none).
@@ -969,7 +975,7 @@ mod metered {
         pub(super) queue_wait: Histogram,
         pub(super) cancels: Counter,
         pub(super) terminates: Counter,
-        pub(super) retired: [Counter; 8],
+        pub(super) retired: [Counter; 9],
         pub(super) commits_refused: Counter,
         pub(super) deadlines: Counter,
     }

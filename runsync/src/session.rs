@@ -1182,16 +1182,16 @@ where
         return Step::Skipped;
     }
     if let Err(e) = slot.begin_and_limit(timeout, needs_begin) {
-        watch.leave();
+        leave(watch, slot);
         return if needs_begin {
             Step::Begin(e)
         } else {
             Step::Setup(e)
         };
     }
+    let outcome = catch_unwind(AssertUnwindSafe(|| f(slot.conn_mut())));
+    leave(watch, slot);
     let conn = slot.conn_mut();
-    let outcome = catch_unwind(AssertUnwindSafe(|| f(conn)));
-    watch.leave();
     match outcome {
         // A savepoint left open (or the transaction ended) by the
         // closure would make COMMIT release only the savepoint.
@@ -1199,6 +1199,14 @@ where
         Ok(Ok(value)) => Step::Done(value),
         Ok(Err(e)) => Step::Failed(e),
         Err(payload) => Step::Panicked(panic_message(payload.as_ref())),
+    }
+}
+
+/// Tells the watch the operation's statements are over; a cancel still on
+/// its way then has the connection closed after the operation.
+fn leave<C: PoolableConnection>(watch: &OpWatch, slot: &Slot<C>) {
+    if watch.leave(slot.is_retiring()) {
+        slot.retire_after(RetireReason::CancelInFlight);
     }
 }
 
