@@ -362,6 +362,7 @@ fn connection_gone(error: &diesel::result::Error) -> bool {
 /// 20 deadlines end so). Stand-in here, since a test must not set the
 /// machine's clock: the closure lowers the server's limit to 100 ms under
 /// a 2 s deadline.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 async fn a_statement_the_server_stops_at_its_timeout_times_out<C: TestBackend>(db: TestDb<C>)
 where
     SqlQuery: QueryFragment<C::Backend>,
