@@ -748,7 +748,7 @@ impl<C: PoolableConnection> Slot<C> {
     /// the real one: if the caller gives up on that task, the pool discards
     /// this one and opens a replacement.
     pub(crate) fn vacant() -> Self {
-        // One shared pair of (never written) flags: a vacant slot is made
+        // One shared set of (never written) flags: a vacant slot is made
         // per operation, and must not allocate.
         static FLAGS: std::sync::OnceLock<(Lost, Retire, ServerTimedOut)> =
             std::sync::OnceLock::new();
