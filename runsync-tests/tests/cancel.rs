@@ -76,6 +76,15 @@ fn assert_idle<C: TestBackend>(engine: &Engine<C>, when: &str) {
     );
 }
 
+/// Asserts that `error` is the deadline `limit` passing.
+fn assert_timed_out<C: TestBackend>(error: &Error, limit: Duration) {
+    assert!(
+        matches!(error, Error::Timeout(d) if *d == limit),
+        "{}: {error}",
+        C::NAME
+    );
+}
+
 /// The facade error a closure's Diesel error carries, if any.
 fn facade<T: std::fmt::Debug>(result: Result<T, diesel::result::Error>) -> Error {
     Error::from(result.expect_err("the call should have failed"))
@@ -203,11 +212,7 @@ where
     let started = Instant::now();
     let error = facade(run_long(&mut session, 3.0).await);
     let took = started.elapsed();
-    assert!(
-        matches!(error, Error::Timeout(d) if d == deadline),
-        "{}: {error}",
-        C::NAME
-    );
+    assert_timed_out::<C>(&error, deadline);
     assert!(
         took < deadline + STOPPED_EARLY,
         "{}: Timeout after {took:?}",
@@ -280,11 +285,7 @@ where
     // The engine's default applies again to the next call.
     let started = Instant::now();
     let error = facade(run_long(&mut session, 3.0).await);
-    assert!(
-        matches!(error, Error::Timeout(d) if d == engine_default),
-        "{}: {error}",
-        C::NAME
-    );
+    assert_timed_out::<C>(&error, engine_default);
     assert!(started.elapsed() < engine_default + STOPPED_EARLY);
     session.rollback().await.unwrap();
     // Shorter than the engine's, for one call.
@@ -298,11 +299,7 @@ where
             .await,
     );
     let took = started.elapsed();
-    assert!(
-        matches!(error, Error::Timeout(d) if d == per_call),
-        "{}: {error}",
-        C::NAME
-    );
+    assert_timed_out::<C>(&error, per_call);
     assert!(
         took < per_call + STOPPED_EARLY,
         "{}: Timeout after {took:?}",
@@ -356,12 +353,11 @@ fn connection_gone(error: &diesel::result::Error) -> bool {
 /// The server's statement timeout is the deadline's, by the server's
 /// clock: a statement it stops is `Error::Timeout` even when the engine's
 /// own (monotonic) clock says the deadline has not passed. Servers time
-/// statements by the wall clock: a step of it makes them fire early
-/// (MariaDB's `max_statement_time` of 2 s fired after 0.55 s when the
-/// clock was set 1.5 s ahead, by hand on this machine; a CI run saw 7 of
-/// 20 deadlines end so). Stand-in here, since a test must not set the
-/// machine's clock: the closure lowers the server's limit to 100 ms under
-/// a 2 s deadline.
+/// statements by the wall clock, and a step of it makes them fire early
+/// (MariaDB: `SET max_statement_time = 2; SELECT SLEEP(5)` stops at once
+/// when the clock is set ahead with `date -s` during it; CI saw deadlines
+/// end so). Stand-in here, since a test must not set the machine's clock:
+/// the closure lowers the server's limit to 100 ms under a 2 s deadline.
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 async fn a_statement_the_server_stops_at_its_timeout_times_out<C: TestBackend>(db: TestDb<C>)
 where
@@ -387,11 +383,7 @@ where
             .await,
     );
     let took = started.elapsed();
-    assert!(
-        matches!(error, Error::Timeout(d) if d == deadline),
-        "{}: {error}",
-        C::NAME
-    );
+    assert_timed_out::<C>(&error, deadline);
     assert!(took < Duration::from_secs(1), "{}: after {took:?}", C::NAME);
     // As after any deadline: refused until rollback(), then the engine
     // goes on (MySQL: on a new connection, the interrupted one retired).

@@ -236,8 +236,8 @@ impl Canceller {
 /// for a cancel request already on its way before it goes on to roll back.
 /// A request still on its way then has the connection closed instead of
 /// pooled again (it could cut short the next statement sent on it):
-/// MariaDB sometimes answers a `KILL QUERY` seconds late (1.96 s seen in
-/// `runsync-tests/tests/cancel.rs`'s runs, 1 of about 280).
+/// MariaDB sometimes answers a `KILL QUERY` seconds late (seen in
+/// `runsync-tests/tests/cancel.rs`'s runs under load).
 pub(crate) const CANCEL_WAIT: Duration = Duration::from_millis(200);
 
 /// How long a closure may keep running after the first cancel request

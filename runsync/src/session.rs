@@ -1123,6 +1123,7 @@ where
     let started = Instant::now();
     let mut slot = slot;
     let watch = &op.watch;
+    // Forget a stop seen outside an operation (a stream's statement).
     slot.take_server_timeout();
     let mut step = run_operation(&mut slot, timeout, needs_begin, watch, f);
     let reason = watch.reason();
