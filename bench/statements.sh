@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Client instructions per lazy statement (callgrind), the program's path
-# beside a library user's: `facade` (the program's `Engine<AnyConnection>`)
-# and `facade-native` (`Engine<PgConnection>` and the like) run the same
-# `greenlet_orm::queries::run_queries`; BENCHMARKS.md, "The program's
-# connection type".
+# beside a library user's and beside no facade at all: `facade` (the
+# program's `Engine<AnyConnection>`), `facade-native` (`Engine<PgConnection>`
+# and the like) and `sync` (Diesel on a raw `AnyConnection`, no engine) run
+# the same `greenlet_orm::queries::run_queries`; BENCHMARKS.md, "Issue 18's
+# goals" (instructions per statement, facade / sync).
 #
 #   bench/statements.sh [--backend sqlite|postgres|mysql]... [--native-fn F] [BINARY]
 #
@@ -50,11 +51,11 @@ count() {
 
 for backend in "${backends[@]}"; do
   declare -A per=()
-  for impl in facade facade-native; do
+  for impl in facade facade-native sync; do
     one=$(count "$backend" "$impl" 1000)
     two=$(count "$backend" "$impl" 2000)
     per[$impl]=$(((two - one) / 1000))
   done
-  awk -v b="$backend" -v f="${per[facade]}" -v n="${per[facade-native]}" 'BEGIN {
-    printf "%s: instructions per lazy statement: facade (AnyConnection) %d, facade-native %d, ratio %.3f\n", b, f, n, f / n }'
+  awk -v b="$backend" -v f="${per[facade]}" -v n="${per[facade-native]}" -v s="${per[sync]}" 'BEGIN {
+    printf "%s: instructions per lazy statement: facade (AnyConnection) %d, facade-native %d, sync %d; facade / facade-native %.3f, facade / sync %.3f\n", b, f, n, s, f / n, f / s }'
 done

@@ -4,7 +4,7 @@
 # transaction) for 3 s under callgrind, minus the same process run for 0 s,
 # divided by the units it ran; every thread of the bench process counted
 # (the runtime's, the blocking pool's, the drivers'). BENCHMARKS.md, "Where
-# the time goes under load".
+# the misses come from".
 #
 #   bench/unit_instructions.sh [--backend B]... [--impls LIST] [BINARY]
 #

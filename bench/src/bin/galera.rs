@@ -8,9 +8,12 @@
 //!   (`sync_impls::facade`, the `bench` binary's own) on three targets:
 //!   `single` (the standalone server, `--single-url`), `node1` (the cluster
 //!   through node 1's URL) and `multi` (the cluster through the multi-host
-//!   URL `mysql://root@h:p1,h:p2,h:p3/bench`); `--warmup` + `--runs` runs,
-//!   the targets' order rotated run by run; medians per phase and, run by
-//!   run, the ratio of each cluster target to `single`.
+//!   URL `mysql://root@h:p1,h:p2,h:p3/bench`), and its peers sqlx and
+//!   diesel-async (the `bench` binary's `sqlx_impl` and `async_impl`) on
+//!   `single` and `node1` (`--no-peers`: the facade alone); `--warmup` +
+//!   `--runs` runs, the steps' order rotated run by run; medians per phase
+//!   and, run by run, the ratio of each cluster target to `single` and of
+//!   the facade to each peer on the same server.
 //! - contention (`bench/src/contention.rs`, the workload `tests/galera.rs`
 //!   checks): 3 engines x 8 tasks bring 32 counters to `--increments` each
 //!   with `transaction_with_retry`, with the engines on the standalone
@@ -27,6 +30,9 @@
 //! ```
 
 #[allow(dead_code)]
+#[path = "../async_impl.rs"]
+mod async_impl;
+#[allow(dead_code)]
 #[path = "../contention.rs"]
 mod contention;
 #[allow(dead_code)]
@@ -35,6 +41,9 @@ mod count;
 #[allow(dead_code)]
 #[path = "../phases.rs"]
 mod phases;
+#[allow(dead_code)]
+#[path = "../sqlx_impl.rs"]
+mod sqlx_impl;
 #[allow(dead_code)]
 #[path = "../stats.rs"]
 mod stats;
@@ -77,9 +86,13 @@ struct Cli {
     #[arg(long, default_value_t = 1)]
     warmup: usize,
 
-    /// Pool size of the facade's engine for W(N).
+    /// Pool size of the facade's engine (and the peers' pools) for W(N).
     #[arg(long, default_value_t = 8)]
     pool_size: u32,
+
+    /// W(N) with the facade only (no sqlx and diesel-async beside it).
+    #[arg(long)]
+    no_peers: bool,
 
     /// The standalone server; its database is created if missing and its
     /// tables a, b, counters are dropped and recreated.
@@ -196,7 +209,31 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
-/// W(N) with the facade on `single`, `node1` and `multi`, run after run.
+/// A W(N) implementation of this run: the facade, or one of the `bench`
+/// binary's peers on the same statements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Impl {
+    Facade,
+    Sqlx,
+    DieselAsync,
+}
+
+impl Impl {
+    fn name(self) -> &'static str {
+        match self {
+            Impl::Facade => "facade",
+            Impl::Sqlx => "sqlx",
+            Impl::DieselAsync => "diesel-async",
+        }
+    }
+}
+
+/// One series of W(N) runs: a target and an implementation's name.
+type Step<'a> = (&'a str, &'a str);
+
+/// W(N) run after run: the facade on `single`, `node1` and `multi`, and
+/// (unless `--no-peers`) sqlx and diesel-async on `single` and `node1`
+/// (a multi-host URL is the engine's; the peers take one server's URL).
 fn workload(
     cli: &Cli,
     runtime: &tokio::runtime::Runtime,
@@ -216,76 +253,119 @@ fn workload(
     for (name, url) in &targets[..2] {
         clean(url).with_context(|| format!("preparing {name}"))?;
     }
+    let mut steps: Vec<(&str, &str, Impl)> = Vec::new();
+    for (name, url) in &targets {
+        steps.push((name, url, Impl::Facade));
+        if !cli.no_peers && *name != "multi" {
+            steps.push((name, url, Impl::Sqlx));
+            steps.push((name, url, Impl::DieselAsync));
+        }
+    }
+    let migration = async_impl::migration(diesel_runsync::Backend::Mysql)?;
     let families = Arc::new(workload_families(n));
     let counter = Counter::default();
-    let mut seconds: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
+    // (target, implementation, phase) -> seconds, one per recorded run.
+    let mut seconds: BTreeMap<(&str, &str, &str), Vec<f64>> = BTreeMap::new();
     for run in 0..cli.warmup + cli.runs {
         let recorded = run >= cli.warmup;
-        let mut order: Vec<usize> = (0..targets.len()).collect();
-        order.rotate_left(run % targets.len());
-        for t in order {
-            let (name, url) = &targets[t];
-            let (url2, families, counter2) = (url.clone(), families.clone(), counter.clone());
-            let size = cli.pool_size;
+        let mut order = steps.clone();
+        order.rotate_left(run % steps.len());
+        for (name, url, imp) in order {
+            let (url, families, counter2) = (url.to_owned(), families.clone(), counter.clone());
+            let (size, m) = (cli.pool_size, migration.clone());
             let phases: Vec<Phase> = on_worker(runtime, async move {
-                sync_impls::facade(&url2, n, families, &counter2, size, false).await
+                match imp {
+                    Impl::Facade => {
+                        sync_impls::facade(&url, n, families, &counter2, size, false).await
+                    }
+                    Impl::Sqlx => sqlx_impl::mysql(&url, n, &families, &counter2, &m, size).await,
+                    Impl::DieselAsync => async_impl::mysql(&url, n, &families, &counter2, &m).await,
+                }
             })
-            .with_context(|| format!("W({n}) on {name}"))?;
+            .with_context(|| format!("W({n}) {} on {name}", imp.name()))?;
             if !recorded {
                 continue;
             }
             for p in &phases {
                 out.line(format!(
-                    "{{\"phase\": \"{}\", \"n\": {n}, \"seconds\": {:.6}, \"queries\": {}, \"target\": \"{name}\", \"impl\": \"facade\", \"run\": {}}}",
+                    "{{\"phase\": \"{}\", \"n\": {n}, \"seconds\": {:.6}, \"queries\": {}, \"target\": \"{name}\", \"impl\": \"{}\", \"run\": {}}}",
                     p.name,
                     p.seconds,
                     p.queries,
+                    imp.name(),
                     run - cli.warmup
                 ))?;
-                seconds.entry((name, p.name)).or_default().push(p.seconds);
+                seconds
+                    .entry((name, imp.name(), p.name))
+                    .or_default()
+                    .push(p.seconds);
             }
         }
     }
     report.push(format!(
-        "== W(N) facade N={n} ({} children), {} runs (+{} warmup): median seconds",
+        "== W(N) N={n} ({} children), {} runs (+{} warmup): median seconds",
         expected_children(n),
         cli.runs,
         cli.warmup
     ));
-    let mut header = format!("{:<8}", "target");
+    let mut header = format!("{:<8} {:<13}", "target", "impl");
     for phase in phases::PHASES {
         header.push_str(&format!(" {phase:>14}"));
     }
     report.push(header);
-    for (name, _) in &targets {
-        let mut row = format!("{name:<8}");
+    for (name, _, imp) in &steps {
+        let mut row = format!("{name:<8} {:<13}", imp.name());
         for phase in phases::PHASES {
-            let values = seconds.get(&(*name, phase)).cloned().unwrap_or_default();
+            let values = seconds
+                .get(&(*name, imp.name(), phase))
+                .cloned()
+                .unwrap_or_default();
             let m = median(&values);
             row.push_str(&format!(" {m:>14.6}"));
             out.line(format!(
-                "{{\"summary\": \"median\", \"phase\": \"{phase}\", \"n\": {n}, \"seconds\": {m:.6}, \"target\": \"{name}\", \"impl\": \"facade\", \"runs\": {}}}",
+                "{{\"summary\": \"median\", \"phase\": \"{phase}\", \"n\": {n}, \"seconds\": {m:.6}, \"target\": \"{name}\", \"impl\": \"{}\", \"runs\": {}}}",
+                imp.name(),
                 values.len()
             ))?;
         }
         report.push(row);
     }
+    // The cluster against the standalone server (the facade), and the
+    // facade against each peer on the same server; every ratio is taken run
+    // by run (each run has every step once), then their median.
+    let mut pairs: Vec<(String, Step, Step)> = Vec::new();
     for (name, _) in &targets[1..] {
+        pairs.push((
+            format!("{name}/single"),
+            (name, "facade"),
+            ("single", "facade"),
+        ));
+    }
+    if !cli.no_peers {
+        for (name, _) in &targets[..2] {
+            for peer in [Impl::Sqlx, Impl::DieselAsync] {
+                pairs.push((
+                    format!("facade/{} on {name}", peer.name()),
+                    (name, "facade"),
+                    (name, peer.name()),
+                ));
+            }
+        }
+    }
+    for (label, (ta, ia), (tb, ib)) in &pairs {
         for phase in ["insert", "run_sync_lazy", "total"] {
-            let (Some(a), Some(b)) = (
-                seconds.get(&(*name, phase)),
-                seconds.get(&("single", phase)),
-            ) else {
+            let (Some(a), Some(b)) = (seconds.get(&(ta, ia, phase)), seconds.get(&(tb, ib, phase)))
+            else {
                 continue;
             };
             let per_run: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
             let of_runs = median(&per_run);
             out.line(format!(
-                "{{\"summary\": \"ratio\", \"ratio\": \"{name}/single\", \"phase\": \"{phase}\", \"n\": {n}, \"median_of_run_ratios\": {of_runs:.4}, \"runs\": {}}}",
+                "{{\"summary\": \"ratio\", \"ratio\": \"{label}\", \"phase\": \"{phase}\", \"n\": {n}, \"median_of_run_ratios\": {of_runs:.4}, \"runs\": {}}}",
                 per_run.len()
             ))?;
             report.push(format!(
-                "ratio {name}/single {phase}: median of run ratios {of_runs:.3} (runs: {})",
+                "ratio {label} {phase}: median of run ratios {of_runs:.3} (runs: {})",
                 per_run
                     .iter()
                     .map(|r| format!("{r:.3}"))
