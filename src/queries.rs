@@ -302,7 +302,7 @@ fn mysql_insert_parents(
     if mode.lock_mode != 2 {
         // A plain multi-row INSERT: the `INSERT ... SELECT` over a
         // 1,000-way `UNION ALL` that this replaced took twice as long on
-        // MariaDB 10.11 (BENCHMARKS.md, "W(10,000) on MySQL").
+        // MariaDB 10.11 (BENCHMARKS.md, "The MySQL parent batch").
         let inserted = diesel::insert_into(a::table).values(rows).execute(conn)?;
         let batch: BatchIds = diesel::sql_query(LAST_IDS).get_result(conn)?;
         if inserted != rows.len() || batch.lock_mode == 2 {

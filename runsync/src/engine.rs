@@ -128,8 +128,9 @@ pub struct EngineOptions {
     /// (`tokio::task::block_in_place`, on a multi-threaded runtime; the
     /// runtime moves its other tasks to another thread meanwhile) instead of
     /// hopping to tokio's blocking pool and back. A short unit then costs
-    /// no two cross-thread wake-ups (at 8 tasks here: about 4x the throughput
-    /// on SQLite, 1.3x on MariaDB, 1.2x on PostgreSQL; BENCHMARKS.md). The
+    /// no two cross-thread wake-ups (at 8 tasks, in BENCHMARKS.md's load
+    /// table: about 4x the throughput on SQLite, 1.1x on MariaDB, 1.4x on
+    /// PostgreSQL). The
     /// price: such a call cannot be cut short by dropping its future
     /// (nothing can drop it while it runs; its statement is not cancelled on
     /// the server): it runs to its end, and `Engine::transaction` commits,

@@ -1,8 +1,8 @@
 //! Units of [`Engine::transaction`] handed to connections without a
 //! checkout or a hop each: a unit that finds every connection busy waits in
 //! the engine's queue, and the blocking thread that finishes a unit takes
-//! the next one with the connection it holds (BENCHMARKS.md, "No checkout
-//! and no hop").
+//! the next one with the connection it holds (BENCHMARKS.md, "The
+//! dispatch").
 //!
 //! What keeps the promises of the guide on failures:
 //! - the caller of a queued unit also waits its turn at the gate, so a
