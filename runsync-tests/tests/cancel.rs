@@ -6,6 +6,8 @@
 //!   `pg_cancel_backend`, MySQL/MariaDB `KILL QUERY`, SQLite
 //!   `sqlite3_interrupt`); its connection comes back and `rollback()`
 //!   returns within a second, not when the statement would have ended;
+//!   so do eight statements dropped at the same instant (PostgreSQL and
+//!   MySQL/MariaDB);
 //! - a deadline, the engine's default or one per call, returns
 //!   `Error::Timeout` within 1.5 x the deadline, and the session refuses
 //!   work until `rollback()`; so does a statement the server stops at its
@@ -547,6 +549,66 @@ async fn a_dropped_transaction_that_waited_for_its_connection_stops_on_the_serve
     engine.transaction(common::count_rows).await.unwrap();
 }
 
+/// Statements dropped at the same instant all stop on the server as soon as
+/// one alone does: eight sessions run a 3 s statement, all eight futures
+/// are dropped by timeouts that end together, and every `rollback()`
+/// returns early. (MariaDB stops a `SLEEP()` only after 2 s when two
+/// `KILL QUERY`s reach sleeping statements at the same moment; the
+/// canceller sends one `KILL` at a time per server: see the `cancel`
+/// module of the library.)
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+async fn statements_dropped_at_once_all_stop<C: TestBackend>(db: TestDb<C>)
+where
+    SqlQuery: QueryFragment<C::Backend>,
+{
+    const AT_ONCE: usize = 8;
+    const ROUNDS: usize = 10;
+    db.create_schema().await;
+    let engine = db
+        .engine_with(EngineOptions::default().max_size(AT_ONCE as u32))
+        .await;
+    let mut back = Vec::with_capacity(AT_ONCE * ROUNDS);
+    for _ in 0..ROUNDS {
+        let drop_at = tokio::time::Instant::now() + Duration::from_millis(150);
+        let mut runs = tokio::task::JoinSet::new();
+        for _ in 0..AT_ONCE {
+            let engine = engine.clone();
+            runs.spawn(async move {
+                let mut session = engine.session();
+                let cut = tokio::time::timeout_at(drop_at, run_long(&mut session, 3.0)).await;
+                assert!(
+                    cut.is_err(),
+                    "{}: the long statement finished early",
+                    C::NAME
+                );
+                let dropped = Instant::now();
+                session.rollback().await.expect("rollback");
+                dropped.elapsed()
+            });
+        }
+        while let Some(took) = runs.join_next().await {
+            back.push(took.expect("a session's task"));
+        }
+    }
+    assert_idle(&engine, "after the rounds");
+    let running = long_statements_running(&db).await;
+    let open = db.open_transactions().await;
+    let (median, p99, max) = spread(back);
+    figure(format!(
+        "{} at once: {AT_ONCE} long statements (3 s) dropped at the same instant, {ROUNDS} \
+         rounds: drop -> rollback() returned: median {median:.1} ms, p99 {p99:.1} ms, max \
+         {max:.1} ms; still running on the server {running}; open tx {open}",
+        C::NAME
+    ));
+    assert!(
+        max < STOPPED_EARLY.as_secs_f64() * 1e3,
+        "{}: max {max:.1} ms: a statement dropped beside others was not stopped early",
+        C::NAME
+    );
+    assert_eq!((running, open), (0, 0), "{}", C::NAME);
+    settle(&engine).await;
+}
+
 mod current {
     use super::*;
     use crate::common::per_backend;
@@ -560,6 +622,7 @@ mod current {
         a_statement_the_server_stops_at_its_timeout_times_out,
         servers
     );
+    per_backend!(statements_dropped_at_once_all_stop, servers);
 }
 
 mod multi {

@@ -21,6 +21,9 @@
 //! - **MySQL/MariaDB**: `KILL QUERY <id>` over a side connection; the id is
 //!   `SELECT CONNECTION_ID()` at open. `KILL QUERY` sent to a connection that
 //!   is between statements does nothing (checked on MariaDB 10.11). The
+//!   process sends one `KILL` at a time to each server, a few
+//!   milliseconds apart: two at once can stop a `SLEEP()` 2 s late on
+//!   MariaDB (see `kill_turn`). The
 //!   killed statement fails with *Query execution was interrupted* (what
 //!   Diesel saw for a killed `SLEEP()` on MariaDB 10.11; some versions
 //!   return 1 from it instead): either way the engine never trusts the
@@ -571,15 +574,60 @@ pub(crate) fn mysql(
     .map_err(|e| tracing::warn!("no server-side cancel for this connection: {e}"))
     .ok()?;
     let url = url.clone();
+    let turn = kill_turn(&url);
     let side = move |kill: &str| -> Result<(), CancelError> {
         let mut side = diesel::MysqlConnection::establish(url.expose())
             .map_err(|e| url.scrub(&e.to_string()))?;
-        side.batch_execute(&format!("KILL {kill} {id}"))?;
+        let mut last = turn.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(wait) =
+            last.and_then(|at| (at + KILL_SPACING).checked_duration_since(Instant::now()))
+        {
+            std::thread::sleep(wait);
+        }
+        let killed = side.batch_execute(&format!("KILL {kill} {id}"));
+        *last = Some(Instant::now());
+        drop(last);
+        killed?;
         Ok(())
     };
     let side = Arc::new(side);
     let terminate = side.clone();
     Some(Canceller::new(move || side("QUERY")).or_terminate(move || terminate("CONNECTION")))
+}
+
+/// How long after one `KILL` to a MySQL/MariaDB server this process sends
+/// the next ([`kill_turn`]).
+#[cfg(feature = "mysql")]
+const KILL_SPACING: Duration = Duration::from_millis(5);
+
+/// The turn every `KILL` this process sends to one MySQL/MariaDB server
+/// (host and port) waits for, holding when the last one was answered: one
+/// at a time, [`KILL_SPACING`] apart.
+///
+/// MariaDB (10.11 here) wakes a statement in `SLEEP()` with a loop that
+/// tries the server-wide mutex of `SLEEP()` for at most 2 s
+/// (`THD::abort_current_cond_wait`). A `KILL QUERY` that finds that mutex
+/// taken, by another statement woken a moment before, can wait the whole
+/// loop out while its own victim waits for it: the statement stops 2 s
+/// late. Without the turn, `statements_dropped_at_once_all_stop`
+/// (runsync-tests/tests/cancel.rs: eight statements dropped at the same
+/// instant) failed so in every run on MariaDB 10.11; sent back to back, the
+/// `KILL`s still met the taken mutex now and then; a few milliseconds apart
+/// they have not. A lone `KILL` does not wait, and the side connection is
+/// opened before the turn is taken.
+#[cfg(feature = "mysql")]
+fn kill_turn(url: &crate::DatabaseUrl) -> Arc<Mutex<Option<Instant>>> {
+    type Server = (Option<String>, Option<u16>);
+    type Turns = std::collections::HashMap<Server, Arc<Mutex<Option<Instant>>>>;
+    static TURNS: OnceLock<Mutex<Turns>> = OnceLock::new();
+    let (address, port, _) = url.location();
+    TURNS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry((address, port))
+        .or_default()
+        .clone()
 }
 
 /// SQLite: `sqlite3_interrupt` on the handle an auto extension recorded,
