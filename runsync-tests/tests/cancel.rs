@@ -47,6 +47,32 @@ where
         .await
 }
 
+/// Runs a 3 s statement through `session` until `until`, when its future
+/// is dropped, then rolls back: the time from the drop until `rollback()`
+/// returned.
+async fn cut_then_rollback<C: TestBackend>(
+    session: &mut AsyncSession<C>,
+    until: tokio::time::Instant,
+) -> Duration
+where
+    SqlQuery: QueryFragment<C::Backend>,
+{
+    let cut = tokio::time::timeout_at(until, run_long(session, 3.0)).await;
+    assert!(
+        cut.is_err(),
+        "{}: the long statement finished early",
+        C::NAME
+    );
+    let dropped = Instant::now();
+    session.rollback().await.expect("rollback");
+    dropped.elapsed()
+}
+
+/// A 100 ms cut of [`cut_then_rollback`], from now.
+fn in_100_ms() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_millis(100)
+}
+
 /// Long statements still running on the server for this database, seen
 /// from a connection of its own (SQLite: none can be seen; the pool's
 /// state shows it instead).
@@ -103,15 +129,7 @@ where
         .run_sync(move |c| insert_part(c, unit_no, 0))
         .await
         .unwrap();
-    let cut = tokio::time::timeout(Duration::from_millis(100), run_long(&mut session, 3.0)).await;
-    assert!(
-        cut.is_err(),
-        "{}: the long statement finished early",
-        C::NAME
-    );
-    let dropped = Instant::now();
-    session.rollback().await.expect("rollback");
-    let took = dropped.elapsed();
+    let took = cut_then_rollback(&mut session, in_100_ms()).await;
     assert!(
         took < STOPPED_EARLY,
         "{}: rollback() took {took:?} after the drop",
@@ -573,18 +591,7 @@ where
         let mut runs = tokio::task::JoinSet::new();
         for _ in 0..AT_ONCE {
             let engine = engine.clone();
-            runs.spawn(async move {
-                let mut session = engine.session();
-                let cut = tokio::time::timeout_at(drop_at, run_long(&mut session, 3.0)).await;
-                assert!(
-                    cut.is_err(),
-                    "{}: the long statement finished early",
-                    C::NAME
-                );
-                let dropped = Instant::now();
-                session.rollback().await.expect("rollback");
-                dropped.elapsed()
-            });
+            runs.spawn(async move { cut_then_rollback(&mut engine.session(), drop_at).await });
         }
         while let Some(took) = runs.join_next().await {
             back.push(took.expect("a session's task"));
@@ -666,16 +673,7 @@ where
             .run_sync(move |c| insert_part(c, unit_no, 0))
             .await
             .unwrap();
-        let cut =
-            tokio::time::timeout(Duration::from_millis(100), run_long(&mut session, 3.0)).await;
-        assert!(
-            cut.is_err(),
-            "{}: the long statement finished early",
-            C::NAME
-        );
-        let dropped = Instant::now();
-        session.rollback().await.expect("rollback");
-        back.push(dropped.elapsed());
+        back.push(cut_then_rollback(&mut session, in_100_ms()).await);
         assert_idle(&engine, "after rollback()");
         // A whole unit, committed, between the cancelled ones.
         unit(&mut session).await.map_err(|e| e.to_string()).unwrap();
